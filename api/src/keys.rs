@@ -43,9 +43,7 @@ impl Kind {
             Ok(proto::Kind::Connections) => Ok(Kind::Connections),
             _ => Err(ValidationError::Invalid {
                 what: "kind",
-                reason: format!(
-                    "{k} is not one of clusters, gateways, services, connections"
-                ),
+                reason: format!("{k} is not one of clusters, gateways, services, connections"),
             }),
         }
     }

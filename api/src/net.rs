@@ -9,10 +9,13 @@ use crate::ValidationError;
 /// Parses one CIDR strictly: the address must be the network address (`10.0.0.5/16` is refused,
 /// because what the user meant is ambiguous).
 pub fn parse_cidr(s: &str) -> Result<IpNet, ValidationError> {
-    let net: IpNet = s.trim().parse().map_err(|e: ipnet::AddrParseError| ValidationError::Cidr {
-        value: s.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let net: IpNet =
+        s.trim()
+            .parse()
+            .map_err(|e: ipnet::AddrParseError| ValidationError::Cidr {
+                value: s.to_owned(),
+                reason: e.to_string(),
+            })?;
     if net.network() != net.addr() {
         return Err(ValidationError::Cidr {
             value: s.to_owned(),

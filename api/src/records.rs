@@ -55,7 +55,11 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ValidationEr
                 reason: "keys are [prefix/]name, name up to 63 of [A-Za-z0-9-_.]".into(),
             });
         }
-        if v.len() > 63 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if v.len() > 63
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(ValidationError::Label {
                 key: k.clone(),
                 value: v.clone(),
@@ -106,7 +110,10 @@ impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
     type Error = ValidationError;
     fn try_from(p: proto::ClusterRegistration) -> Result<Self, Self::Error> {
         Ok(ClusterRegistration {
-            cluster: p.cluster.ok_or(ValidationError::Missing("cluster"))?.try_into()?,
+            cluster: p
+                .cluster
+                .ok_or(ValidationError::Missing("cluster"))?
+                .try_into()?,
             certificate_serial: p.certificate_serial,
             joined_at_unix_ms: p.joined_at_unix_ms,
         })
@@ -153,21 +160,24 @@ impl GatewayEndpoint {
 }
 
 fn parse_ip(what: &'static str, s: &str) -> Result<IpAddr, ValidationError> {
-    s.parse().map_err(|e: std::net::AddrParseError| ValidationError::Address {
-        what,
-        value: s.to_owned(),
-        reason: e.to_string(),
-    })
+    s.parse()
+        .map_err(|e: std::net::AddrParseError| ValidationError::Address {
+            what,
+            value: s.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 impl TryFrom<proto::GatewayEndpoint> for GatewayEndpoint {
     type Error = ValidationError;
     fn try_from(p: proto::GatewayEndpoint) -> Result<Self, Self::Error> {
-        let public_key: [u8; 32] = p
-            .public_key
-            .as_slice()
-            .try_into()
-            .map_err(|_| ValidationError::PublicKey { len: p.public_key.len() })?;
+        let public_key: [u8; 32] =
+            p.public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| ValidationError::PublicKey {
+                    len: p.public_key.len(),
+                })?;
         let port = u16::try_from(p.port)
             .ok()
             .filter(|p| *p != 0)
@@ -274,12 +284,13 @@ impl TryFrom<proto::ServiceRecord> for ServiceRecord {
             .ports
             .into_iter()
             .map(|sp| {
-                let port = u16::try_from(sp.port).ok().filter(|p| *p != 0).ok_or_else(|| {
-                    ValidationError::Invalid {
+                let port = u16::try_from(sp.port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| ValidationError::Invalid {
                         what: "service port",
                         reason: format!("{} is not a port (1-65535)", sp.port),
-                    }
-                })?;
+                    })?;
                 if !matches!(sp.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
                     return Err(ValidationError::Invalid {
                         what: "service port protocol",
@@ -527,12 +538,18 @@ mod tests {
         assert_eq!(ok.id.as_str(), "east");
         // Pod and service CIDRs of one cluster may not overlap either.
         let e = Cluster::try_from(cluster("east", &["10.0.0.0/8"], &["10.101.0.0/16"]));
-        assert!(matches!(e, Err(ValidationError::SelfOverlap { .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(ValidationError::SelfOverlap { .. })),
+            "{e:?}"
+        );
         assert!(Cluster::try_from(cluster("East", &["10.1.0.0/16"], &["10.2.0.0/16"])).is_err());
         assert!(Cluster::try_from(cluster("east", &[], &["10.2.0.0/16"])).is_err());
         let mut bad_label = cluster("east", &["10.1.0.0/16"], &["10.2.0.0/16"]);
         bad_label.labels.insert("a b".into(), "x".into());
-        assert!(matches!(Cluster::try_from(bad_label), Err(ValidationError::Label { .. })));
+        assert!(matches!(
+            Cluster::try_from(bad_label),
+            Err(ValidationError::Label { .. })
+        ));
     }
 
     #[test]

@@ -43,7 +43,9 @@ impl EtcdServer {
     /// Starts etcd and waits (up to 20 s) until it answers.
     pub fn start() -> Result<Self, EtcdHarnessError> {
         let binary = std::env::var("CLUSTERLINK_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        let dir = tempfile::Builder::new().prefix("clusterlink-etcd-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("clusterlink-etcd-")
+            .tempdir()?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clusterlink_broker::store::embedded::EmbeddedOptions;
 use clusterlink_broker::store::{
-    Compare, EmbeddedStore, Event, EtcdStore, Store, StoreError, Txn, TxnOutcome, Watch,
+    Compare, EmbeddedStore, EtcdStore, Event, Store, StoreError, Txn, TxnOutcome, Watch,
     WatchMessage,
 };
 use clusterlink_broker::testing::EtcdServer;
@@ -37,7 +37,10 @@ async fn put_get_list(s: impl Store) {
     let r1 = committed(s.txn(Txn::put("a/1", b"one".to_vec())).await.unwrap());
     let r2 = committed(s.txn(Txn::put("a/2", b"two".to_vec())).await.unwrap());
     let r3 = committed(s.txn(Txn::put("b/1", b"other".to_vec())).await.unwrap());
-    assert!(r1 < r2 && r2 < r3, "revisions must increase: {r1} {r2} {r3}");
+    assert!(
+        r1 < r2 && r2 < r3,
+        "revisions must increase: {r1} {r2} {r3}"
+    );
     let kv = s.get("a/1").await.unwrap().unwrap();
     assert_eq!(kv.value, b"one");
     assert_eq!((kv.create_revision, kv.mod_revision), (r1, r1));
@@ -164,9 +167,15 @@ async fn watch_resumes_exactly_once_in_order(s: impl Store) {
     let live_revs = live.await.unwrap();
     let expected: Vec<u64> = revs[2..].iter().copied().chain(live_revs).collect();
     let seen: Vec<u64> = got.iter().map(Event::revision).collect();
-    assert_eq!(seen, expected, "every change after the revision, once, in order");
+    assert_eq!(
+        seen, expected,
+        "every change after the revision, once, in order"
+    );
     assert!(matches!(got.last(), Some(Event::Delete { key, .. }) if key == "w/0"));
-    assert!(got.iter().all(|e| e.key().starts_with("w/")), "prefix filter");
+    assert!(
+        got.iter().all(|e| e.key().starts_with("w/")),
+        "prefix filter"
+    );
     // Nothing more arrives.
     assert!(
         tokio::time::timeout(Duration::from_millis(300), w.next())
@@ -319,7 +328,13 @@ async fn etcd_unreachable_is_a_clear_error() {
         .await
         .err()
         .expect("connecting to a closed port must fail");
-    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
-    let err = EtcdStore::connect("http://127.0.0.1:2379", "/x").await.err().unwrap();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    let err = EtcdStore::connect("http://127.0.0.1:2379", "/x")
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("etcd://HOST:PORT"), "{err}");
 }

@@ -199,10 +199,7 @@ impl EmbeddedStore {
     }
 }
 
-fn meta_get(
-    t: &impl ReadableTable<&'static str, u64>,
-    key: &str,
-) -> Result<u64, redb::Error> {
+fn meta_get(t: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, redb::Error> {
     Ok(t.get(key)?.map(|v| v.value()).unwrap_or(0))
 }
 
@@ -317,7 +314,11 @@ impl Store for EmbeddedStore {
                     return;
                 }
                 for chunk in events.chunks(WATCH_CHUNK) {
-                    if tx.send(Ok(WatchMessage::Events(chunk.to_vec()))).await.is_err() {
+                    if tx
+                        .send(Ok(WatchMessage::Events(chunk.to_vec())))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -417,7 +418,11 @@ impl Answer {
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 impl Writer {
-    fn load(db: Arc<Database>, path: PathBuf, options: EmbeddedOptions) -> Result<Self, StoreError> {
+    fn load(
+        db: Arc<Database>,
+        path: PathBuf,
+        options: EmbeddedOptions,
+    ) -> Result<Self, StoreError> {
         let err = |e: redb::Error| StoreError::Embedded {
             path: path.display().to_string(),
             source: Box::new(e),
@@ -565,7 +570,8 @@ impl Writer {
                     Request::Compact(rev, reply) => {
                         let rev = rev.min(self.revision);
                         if rev > self.compact {
-                            log.retain_in(..=rev, |_, _| false).map_err(|e| self.err(e))?;
+                            log.retain_in(..=rev, |_, _| false)
+                                .map_err(|e| self.err(e))?;
                             self.compact = rev;
                             wrote = true;
                         }
@@ -614,7 +620,8 @@ impl Writer {
             // Trim history in steps, not on every commit.
             let floor = self.revision.saturating_sub(self.options.history);
             if floor > self.compact + self.options.history / 10 {
-                log.retain_in(..=floor, |_, _| false).map_err(|e| self.err(e))?;
+                log.retain_in(..=floor, |_, _| false)
+                    .map_err(|e| self.err(e))?;
                 self.compact = floor;
                 wrote = true;
             }
@@ -653,10 +660,12 @@ impl Writer {
         for c in &txn.compares {
             let holds = match c {
                 Compare::Absent(k) => kv.get(k.as_str()).map_err(|e| self.err(e))?.is_none(),
-                Compare::ModRevision(k, rev) => match kv.get(k.as_str()).map_err(|e| self.err(e))? {
-                    Some(v) => decode_kv(k, v.value())?.mod_revision == *rev,
-                    None => false,
-                },
+                Compare::ModRevision(k, rev) => {
+                    match kv.get(k.as_str()).map_err(|e| self.err(e))? {
+                        Some(v) => decode_kv(k, v.value())?.mod_revision == *rev,
+                        None => false,
+                    }
+                }
             };
             if !holds {
                 return Ok(TxnOutcome::Failed);
@@ -719,7 +728,10 @@ impl Writer {
                             if !k.value().starts_with(prefix.as_str()) {
                                 break;
                             }
-                            out.push((k.value().to_owned(), decode_kv(k.value(), v.value())?.lease));
+                            out.push((
+                                k.value().to_owned(),
+                                decode_kv(k.value(), v.value())?.lease,
+                            ));
                         }
                         out
                     };
@@ -784,4 +796,3 @@ impl Writer {
         Ok(())
     }
 }
-

@@ -26,10 +26,12 @@ impl EtcdStore {
     /// Parses `etcd://host:port[,host:port…]` (or `etcd+https://…` for TLS-less http is the
     /// default) and connects.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, StoreError> {
-        let rest = url.strip_prefix("etcd://").ok_or_else(|| StoreError::Address {
-            value: url.to_owned(),
-            reason: "expected etcd://HOST:PORT[,HOST:PORT...]".into(),
-        })?;
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| StoreError::Address {
+                value: url.to_owned(),
+                reason: "expected etcd://HOST:PORT[,HOST:PORT...]".into(),
+            })?;
         let endpoints: Vec<String> = rest
             .split(',')
             .filter(|s| !s.is_empty())
@@ -61,13 +63,10 @@ impl EtcdStore {
                 source: Box::new(e),
             })?;
         // Connecting is lazy; make one request so an unreachable etcd fails here, clearly.
-        client
-            .status()
-            .await
-            .map_err(|e| StoreError::Etcd {
-                endpoints: joined.clone(),
-                source: Box::new(e),
-            })?;
+        client.status().await.map_err(|e| StoreError::Etcd {
+            endpoints: joined.clone(),
+            source: Box::new(e),
+        })?;
         let mut namespace = namespace.trim_end_matches('/').to_owned();
         namespace.push('/');
         Ok(Self {
@@ -174,10 +173,9 @@ impl Store for EtcdStore {
                     (*lease != 0).then(|| PutOptions::new().with_lease(*lease)),
                 ),
                 Op::Delete { key } => TxnOp::delete(self.full(key), None),
-                Op::DeletePrefix { prefix } => TxnOp::delete(
-                    self.full(prefix),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
+                Op::DeletePrefix { prefix } => {
+                    TxnOp::delete(self.full(prefix), Some(DeleteOptions::new().with_prefix()))
+                }
             })
             .collect();
         let resp = self
@@ -299,8 +297,15 @@ impl Store for EtcdStore {
             .keep_alive(lease)
             .await
             .map_err(|e| self.lease_err(lease, e))?;
-        keeper.keep_alive().await.map_err(|e| self.lease_err(lease, e))?;
-        match stream.message().await.map_err(|e| self.lease_err(lease, e))? {
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| self.lease_err(lease, e))?;
+        match stream
+            .message()
+            .await
+            .map_err(|e| self.lease_err(lease, e))?
+        {
             Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
             _ => Err(StoreError::LeaseNotFound(lease)),
         }

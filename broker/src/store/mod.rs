@@ -203,7 +203,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Forgets history up to and including `revision`; later watches from before it relist.
     fn compact(&self, revision: Revision) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId, StoreError>> + Send;
+    fn grant_lease(
+        &self,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<LeaseId, StoreError>> + Send;
 
     /// Renews the lease for its full TTL; returns that TTL.
     fn keep_alive(

@@ -1,0 +1,280 @@
+//! The broker's decisions, free of I/O and clocks: whether a join is allowed, and whether an
+//! identity may write a record. The service feeds it what it read from the store and `now`.
+
+use clusterlink_api::{Cluster, ClusterId, ClusterRegistration, Kind, RecordKey};
+use thiserror::Error;
+
+use crate::pki::Identity;
+
+/// A join token as the store keeps it (under the SHA-256 of the token, never the token).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredToken {
+    #[prost(int64, tag = "1")]
+    pub expires_at_unix_ms: i64,
+    #[prost(bool, tag = "2")]
+    pub single_use: bool,
+    /// The cluster that redeemed a single-use token.
+    #[prost(string, tag = "3")]
+    pub used_by: String,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum JoinRefusal {
+    #[error(
+        "the join token is not known to this broker; ask the operator for a fresh broker-info file (clusterlink broker token create)"
+    )]
+    UnknownToken,
+    #[error(
+        "the join token expired at {expired_at_unix_ms} (unix ms); ask the operator for a fresh one (clusterlink broker token create)"
+    )]
+    TokenExpired { expired_at_unix_ms: i64 },
+    #[error(
+        "the join token was single-use and cluster {by:?} has already used it; ask the operator for a fresh one"
+    )]
+    TokenUsed { by: String },
+    #[error(
+        "a cluster with ID {id:?} has already joined; choose another --cluster-id, or revoke the old one first (clusterlink broker revoke {id})"
+    )]
+    DuplicateCluster { id: ClusterId },
+    #[error(
+        "CIDR {ours} overlaps {theirs} of cluster {cluster:?}; clusters joined at layer 3 need disjoint pod and service CIDRs"
+    )]
+    Overlap {
+        cluster: ClusterId,
+        ours: String,
+        theirs: String,
+    },
+}
+
+/// Decides whether `cluster` may join with `token`, given the clusters already joined.
+pub fn decide_join(
+    now_unix_ms: i64,
+    token: Option<&StoredToken>,
+    cluster: &Cluster,
+    existing: &[ClusterRegistration],
+) -> Result<(), JoinRefusal> {
+    let token = token.ok_or(JoinRefusal::UnknownToken)?;
+    if now_unix_ms >= token.expires_at_unix_ms {
+        return Err(JoinRefusal::TokenExpired {
+            expired_at_unix_ms: token.expires_at_unix_ms,
+        });
+    }
+    if token.single_use && !token.used_by.is_empty() {
+        return Err(JoinRefusal::TokenUsed {
+            by: token.used_by.clone(),
+        });
+    }
+    let ours = cluster
+        .all_cidrs()
+        .map_err(|_| JoinRefusal::DuplicateCluster {
+            id: cluster.id.clone(),
+        })?;
+    for other in existing {
+        if other.cluster.id == cluster.id {
+            return Err(JoinRefusal::DuplicateCluster {
+                id: cluster.id.clone(),
+            });
+        }
+    }
+    for other in existing {
+        let Ok(theirs) = other.cluster.all_cidrs() else {
+            continue;
+        };
+        if let Some((a, b)) = ours.overlaps_with(&theirs).into_iter().next() {
+            return Err(JoinRefusal::Overlap {
+                cluster: other.cluster.id.clone(),
+                ours: a.to_string(),
+                theirs: b.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum Denied {
+    #[error("cluster {caller} may not write records of cluster {owner}")]
+    WrongOwner { caller: ClusterId, owner: ClusterId },
+    #[error(
+        "the certificate of cluster {cluster} is not (or no longer) valid: the cluster was revoked or re-joined; join again with a fresh token"
+    )]
+    Revoked { cluster: ClusterId },
+    #[error("cluster registrations are written by join only")]
+    ClusterRecord,
+    #[error("the admin identity does not publish cluster records; use a cluster's credentials")]
+    AdminWrite,
+    #[error("only the broker's admin identity may do this")]
+    AdminOnly,
+}
+
+/// May `identity` (whose cluster's registered certificate serial is `registered_serial`)
+/// read the broker's records?
+pub fn authorize_read(identity: &Identity, registered_serial: Option<&str>) -> Result<(), Denied> {
+    match identity {
+        Identity::Admin => Ok(()),
+        Identity::Cluster { id, serial } => {
+            if registered_serial == Some(serial.as_str()) {
+                Ok(())
+            } else {
+                Err(Denied::Revoked {
+                    cluster: id.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// May `identity` write (publish or withdraw) the record at `key`? Returns the writing cluster.
+pub fn authorize_write(
+    identity: &Identity,
+    registered_serial: Option<&str>,
+    key: &RecordKey,
+) -> Result<ClusterId, Denied> {
+    let Identity::Cluster { id, .. } = identity else {
+        return Err(Denied::AdminWrite);
+    };
+    authorize_read(identity, registered_serial)?;
+    if key.kind() == Kind::Clusters {
+        return Err(Denied::ClusterRecord);
+    }
+    if key.owner() != id {
+        return Err(Denied::WrongOwner {
+            caller: id.clone(),
+            owner: key.owner().clone(),
+        });
+    }
+    Ok(id.clone())
+}
+
+pub fn authorize_admin(identity: &Identity) -> Result<(), Denied> {
+    match identity {
+        Identity::Admin => Ok(()),
+        Identity::Cluster { .. } => Err(Denied::AdminOnly),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clusterlink_api::CidrSet;
+
+    fn cluster(id: &str, pods: &str, svcs: &str) -> Cluster {
+        Cluster {
+            id: id.parse().unwrap(),
+            pod_cidrs: pods.parse().unwrap(),
+            service_cidrs: svcs.parse().unwrap(),
+            labels: Default::default(),
+        }
+    }
+
+    fn reg(c: Cluster) -> ClusterRegistration {
+        ClusterRegistration {
+            cluster: c,
+            certificate_serial: "01".into(),
+            joined_at_unix_ms: 0,
+        }
+    }
+
+    fn token(expires: i64, single: bool, used: &str) -> StoredToken {
+        StoredToken {
+            expires_at_unix_ms: expires,
+            single_use: single,
+            used_by: used.into(),
+        }
+    }
+
+    #[test]
+    fn join_token_rules() {
+        let c = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        assert_eq!(
+            decide_join(5, None, &c, &[]),
+            Err(JoinRefusal::UnknownToken)
+        );
+        assert_eq!(
+            decide_join(10, Some(&token(10, false, "")), &c, &[]),
+            Err(JoinRefusal::TokenExpired {
+                expired_at_unix_ms: 10
+            })
+        );
+        assert_eq!(
+            decide_join(5, Some(&token(10, true, "west")), &c, &[]),
+            Err(JoinRefusal::TokenUsed { by: "west".into() })
+        );
+        assert_eq!(decide_join(5, Some(&token(10, true, "")), &c, &[]), Ok(()));
+        // A multi-use token stays usable.
+        assert_eq!(
+            decide_join(5, Some(&token(10, false, "west")), &c, &[]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn join_refuses_duplicates_and_overlaps_naming_the_other_cluster() {
+        let t = token(i64::MAX, false, "");
+        let west = reg(cluster("west", "10.2.0.0/16", "10.102.0.0/16"));
+        let dup = cluster("west", "10.3.0.0/16", "10.103.0.0/16");
+        assert_eq!(
+            decide_join(0, Some(&t), &dup, std::slice::from_ref(&west)),
+            Err(JoinRefusal::DuplicateCluster {
+                id: "west".parse().unwrap()
+            })
+        );
+        // East's service CIDR overlaps west's pod CIDR.
+        let east = cluster("east", "10.1.0.0/16", "10.2.128.0/17");
+        let err = decide_join(0, Some(&t), &east, std::slice::from_ref(&west)).unwrap_err();
+        assert_eq!(
+            err,
+            JoinRefusal::Overlap {
+                cluster: "west".parse().unwrap(),
+                ours: "10.2.128.0/17".into(),
+                theirs: "10.2.0.0/16".into(),
+            }
+        );
+        assert!(err.to_string().contains("\"west\""), "{err}");
+        let apart = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
+        assert_eq!(decide_join(0, Some(&t), &apart, &[west]), Ok(()));
+        let _ = CidrSet::parse::<&str>("x", &["10.0.0.0/8"]);
+    }
+
+    #[test]
+    fn writes_only_to_own_records_with_current_certificate() {
+        let east: ClusterId = "east".parse().unwrap();
+        let me = Identity::Cluster {
+            id: east.clone(),
+            serial: "aa".into(),
+        };
+        let own: RecordKey = "services/east/demo/echo".parse().unwrap();
+        let other: RecordKey = "services/west/demo/echo".parse().unwrap();
+        assert_eq!(authorize_write(&me, Some("aa"), &own), Ok(east.clone()));
+        assert_eq!(
+            authorize_write(&me, Some("aa"), &other),
+            Err(Denied::WrongOwner {
+                caller: east.clone(),
+                owner: "west".parse().unwrap()
+            })
+        );
+        // Revoked (no registration) or re-joined (another serial): the old certificate is void.
+        assert_eq!(
+            authorize_write(&me, None, &own),
+            Err(Denied::Revoked {
+                cluster: east.clone()
+            })
+        );
+        assert_eq!(
+            authorize_write(&me, Some("bb"), &own),
+            Err(Denied::Revoked {
+                cluster: east.clone()
+            })
+        );
+        assert_eq!(
+            authorize_write(&me, Some("aa"), &"clusters/east".parse().unwrap()),
+            Err(Denied::ClusterRecord)
+        );
+        assert_eq!(
+            authorize_write(&Identity::Admin, None, &own),
+            Err(Denied::AdminWrite)
+        );
+        assert_eq!(authorize_admin(&me), Err(Denied::AdminOnly));
+        assert_eq!(authorize_admin(&Identity::Admin), Ok(()));
+    }
+}

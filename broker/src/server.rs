@@ -1,0 +1,67 @@
+//! Serving the broker: TLS with optional client certificates (joining needs none; everything
+//! else checks one), message size limits, graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use clusterlink_api::{MAX_MESSAGE_BYTES, proto::broker_server::BrokerServer};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::info;
+
+use crate::pki::{Ca, CertAndKey, PkiError};
+use crate::service::{BrokerService, Clock};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("serving: {0}")]
+    Transport(#[source] tonic::transport::Error),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("CA: {0}")]
+    Ca(#[from] PkiError),
+}
+
+/// The broker's TLS material.
+#[derive(Clone, Debug)]
+pub struct BrokerTls {
+    pub ca: CertAndKey,
+    pub server: CertAndKey,
+}
+
+/// Serves the broker on `listener` until `shutdown` resolves.
+pub async fn serve<S: Store>(
+    store: S,
+    tls: BrokerTls,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let backend = store.backend();
+    let service = BrokerService::new(store, Ca::load(&tls.ca)?, clock).await?;
+    let tls_config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &tls.server.cert_pem,
+            &tls.server.key_pem,
+        ))
+        .client_ca_root(Certificate::from_pem(&tls.ca.cert_pem))
+        .client_auth_optional(true);
+    let addr = listener.local_addr().ok();
+    info!(?addr, store = backend, "broker serving");
+    Server::builder()
+        .tls_config(tls_config)
+        .map_err(ServeError::Tls)?
+        .add_service(
+            BrokerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(ServeError::Transport)
+}

@@ -1,0 +1,660 @@
+//! The gRPC service: a thin shell that reads from the store, asks [`crate::core`] and writes
+//! back. Every write a cluster makes is a transaction guarded by the cluster's registration,
+//! so a write racing with `broker revoke` cannot outlive the revocation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clusterlink_api::{
+    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, ValidationError, proto,
+};
+use prost::Message;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::core::{self, Denied, JoinRefusal, StoredToken};
+use crate::hub::Hub;
+use crate::pki::{Ca, Identity, PkiError, identity_of};
+use crate::store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
+
+const REGISTRY_VERSION_KEY: &str = "internal/registry-version";
+const TOKEN_PREFIX: &str = "internal/tokens/";
+const LEASE_OWNER_PREFIX: &str = "internal/lease-owners/";
+const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Where the service reads the time. Tests pass a clock they move by hand.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> SystemTime;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("invalid request: {0}")]
+    Invalid(#[from] ValidationError),
+    #[error("join refused: {0}")]
+    Join(#[from] JoinRefusal),
+    #[error("permission denied: {0}")]
+    Denied(#[from] Denied),
+    #[error(
+        "this call needs a client certificate: use the credentials written by `clusterlink join`, or the admin credentials written by `clusterlink deploy-broker`"
+    )]
+    NoCertificate,
+    #[error("client certificate rejected: {0}")]
+    BadCertificate(#[source] PkiError),
+    #[error("the joining node's public key was rejected: {0}")]
+    PublicKey(#[source] PkiError),
+    #[error("certificate authority failure: {0}")]
+    Ca(#[source] PkiError),
+    #[error("broker store unavailable: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::Invalid(_) | ServiceError::PublicKey(_) => Status::invalid_argument(msg),
+            ServiceError::Join(JoinRefusal::DuplicateCluster { .. }) => Status::already_exists(msg),
+            ServiceError::Join(JoinRefusal::Overlap { .. }) => Status::failed_precondition(msg),
+            ServiceError::Join(_) => Status::permission_denied(msg),
+            ServiceError::Denied(_) => Status::permission_denied(msg),
+            ServiceError::NoCertificate | ServiceError::BadCertificate(_) => {
+                Status::unauthenticated(msg)
+            }
+            ServiceError::Ca(_) => Status::internal(msg),
+            ServiceError::Store(StoreError::LeaseNotFound(_)) => Status::not_found(msg),
+            ServiceError::Store(_) => Status::unavailable(msg),
+            ServiceError::Conflict(_) => Status::aborted(msg),
+            ServiceError::NotFound(_) => Status::not_found(msg),
+        }
+    }
+}
+
+/// The certificate serial and registration revision of every joined cluster, as this broker
+/// last saw them. A miss is checked against the store, so a cluster that just joined through
+/// another broker is not refused.
+#[derive(Clone, Default)]
+struct Registry {
+    inner: Arc<RwLock<BTreeMap<ClusterId, (String, Revision)>>>,
+}
+
+impl Registry {
+    fn get(&self, id: &ClusterId) -> Option<(String, Revision)> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+    fn set(&self, id: ClusterId, serial: String, rev: Revision) {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (serial, rev));
+    }
+    fn remove(&self, id: &ClusterId) {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+    fn replace(&self, all: BTreeMap<ClusterId, (String, Revision)>) {
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = all;
+    }
+}
+
+pub struct BrokerService<S: Store> {
+    store: S,
+    ca: Arc<Ca>,
+    hub: Hub<S>,
+    registry: Registry,
+    clock: Arc<dyn Clock>,
+}
+
+fn token_key(token: &str) -> String {
+    format!(
+        "{TOKEN_PREFIX}{}",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
+}
+
+fn decode_registration(kv: &KeyValue) -> Option<ClusterRegistration> {
+    match Record::decode(&kv.value) {
+        Ok(Record::Cluster(r)) => Some(r),
+        _ => {
+            warn!(key = %kv.key, "undecodable cluster registration in store");
+            None
+        }
+    }
+}
+
+/// Makes a join token, stores its hash, and returns the token and its expiry (unix ms).
+pub async fn create_token<S: Store>(
+    store: &S,
+    now: SystemTime,
+    ttl: Duration,
+    single_use: bool,
+) -> Result<(String, i64), StoreError> {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!("clt1.{}", hex::encode(bytes));
+    let expires = unix_ms(now + ttl.min(MAX_TOKEN_TTL));
+    let stored = StoredToken {
+        expires_at_unix_ms: expires,
+        single_use,
+        used_by: String::new(),
+    };
+    store
+        .txn(Txn::put(token_key(&token), stored.encode_to_vec()))
+        .await?;
+    Ok((token, expires))
+}
+
+impl<S: Store> BrokerService<S> {
+    pub async fn new(store: S, ca: Ca, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let hub = Hub::start(store.clone(), 100_000).await?;
+        let svc = Self {
+            store,
+            ca: Arc::new(ca),
+            hub,
+            registry: Registry::default(),
+            clock,
+        };
+        svc.follow_registry().await?;
+        Ok(svc)
+    }
+
+    /// Loads the registry and keeps it current from the hub.
+    async fn follow_registry(&self) -> Result<(), StoreError> {
+        let rev = self.reload_registry().await?;
+        let this = (self.store.clone(), self.hub.clone(), self.registry.clone());
+        tokio::spawn(async move {
+            let (store, hub, registry) = this;
+            let mut rev = rev; // where the next follow starts: the last full list
+            loop {
+                let (tx, mut rx) = mpsc::channel(64);
+                hub.watch(Kind::Clusters, rev, tx);
+                while let Some(item) = rx.recv().await {
+                    let Ok(resp) = item else { break };
+                    if resp.relist_required {
+                        break;
+                    }
+                    for ev in resp.events {
+                        let Ok(RecordKey::Cluster(id)) = ev.key.parse::<RecordKey>() else {
+                            continue;
+                        };
+                        match ev.record.map(Record::try_from) {
+                            Some(Ok(Record::Cluster(r))) => {
+                                registry.set(id, r.certificate_serial, ev.revision)
+                            }
+                            _ => registry.remove(&id),
+                        }
+                    }
+                }
+                // Relist, then follow again.
+                loop {
+                    match list_registry(&store).await {
+                        Ok((all, r)) => {
+                            registry.replace(all);
+                            rev = r;
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot reload cluster registry; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn reload_registry(&self) -> Result<Revision, StoreError> {
+        let (all, rev) = list_registry(&self.store).await?;
+        self.registry.replace(all);
+        Ok(rev)
+    }
+
+    fn identity<T>(req: &Request<T>) -> Result<Identity, ServiceError> {
+        let certs = req.peer_certs().ok_or(ServiceError::NoCertificate)?;
+        let leaf = certs.first().ok_or(ServiceError::NoCertificate)?;
+        identity_of(leaf.as_ref()).map_err(ServiceError::BadCertificate)
+    }
+
+    /// The registered serial and registration revision of a cluster: from the cache, or the
+    /// store when the cache does not confirm the caller's serial.
+    async fn registration(
+        &self,
+        identity: &Identity,
+    ) -> Result<Option<(String, Revision)>, ServiceError> {
+        let Identity::Cluster { id, serial } = identity else {
+            return Ok(None);
+        };
+        if let Some(hit) = self.registry.get(id) {
+            if &hit.0 == serial {
+                return Ok(Some(hit));
+            }
+        }
+        let kv = self
+            .store
+            .get(&RecordKey::Cluster(id.clone()).to_string())
+            .await?;
+        match kv
+            .as_ref()
+            .and_then(|kv| decode_registration(kv).map(|r| (r, kv.mod_revision)))
+        {
+            Some((r, rev)) => {
+                self.registry
+                    .set(id.clone(), r.certificate_serial.clone(), rev);
+                Ok(Some((r.certificate_serial, rev)))
+            }
+            None => {
+                self.registry.remove(id);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn authorize_read(&self, identity: &Identity) -> Result<(), ServiceError> {
+        let reg = self.registration(identity).await?;
+        core::authorize_read(identity, reg.as_ref().map(|r| r.0.as_str()))?;
+        Ok(())
+    }
+
+    /// Checks a write of `key` and returns the caller's cluster and registration revision.
+    async fn authorize_write(
+        &self,
+        identity: &Identity,
+        key: &RecordKey,
+    ) -> Result<(ClusterId, Revision), ServiceError> {
+        let reg = self.registration(identity).await?;
+        let id = core::authorize_write(identity, reg.as_ref().map(|r| r.0.as_str()), key)?;
+        Ok((id, reg.map(|r| r.1).unwrap_or(0)))
+    }
+
+    /// Explains a failed guarded write: revoked meanwhile, or the caller's own precondition.
+    async fn explain_failed_write(&self, identity: &Identity, key: &RecordKey) -> ServiceError {
+        match self.registration(identity).await {
+            Ok(Some(_)) => ServiceError::Conflict(format!(
+                "record {key} changed since the revision given (or already exists); read it again and retry"
+            )),
+            Ok(None) => match identity {
+                Identity::Cluster { id, .. } => Denied::Revoked {
+                    cluster: id.clone(),
+                }
+                .into(),
+                Identity::Admin => Denied::AdminWrite.into(),
+            },
+            Err(e) => e,
+        }
+    }
+
+    async fn lease_owner(&self, lease: i64) -> Result<Option<String>, ServiceError> {
+        Ok(self
+            .store
+            .get(&format!("{LEASE_OWNER_PREFIX}{lease}"))
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+
+    async fn check_lease(&self, lease: i64, caller: &ClusterId) -> Result<(), ServiceError> {
+        match self.lease_owner(lease).await? {
+            Some(owner) if owner == caller.as_str() => Ok(()),
+            Some(_) => Err(ServiceError::NotFound(format!(
+                "lease {lease} belongs to another cluster"
+            ))),
+            None => Err(ServiceError::NotFound(format!(
+                "lease {lease} not found (expired or revoked); grant a new one"
+            ))),
+        }
+    }
+
+    async fn do_join(&self, req: proto::JoinRequest) -> Result<proto::JoinResponse, ServiceError> {
+        let cluster: Cluster = req
+            .cluster
+            .ok_or(ValidationError::Missing("cluster"))?
+            .try_into()?;
+        let tkey = token_key(&req.token);
+        for _ in 0..16 {
+            let now = self.clock.now();
+            let token_kv = self.store.get(&tkey).await?;
+            let token = token_kv
+                .as_ref()
+                .and_then(|kv| StoredToken::decode(kv.value.as_slice()).ok());
+            let (existing, _) = self.store.list(Kind::Clusters.prefix()).await?;
+            let existing: Vec<ClusterRegistration> =
+                existing.iter().filter_map(decode_registration).collect();
+            let version = self.store.get(REGISTRY_VERSION_KEY).await?;
+            core::decide_join(unix_ms(now), token.as_ref(), &cluster, &existing)?;
+            let (cert_pem, serial) = self
+                .ca
+                .sign_cluster(now, &cluster.id, &req.public_key_der)
+                .map_err(|e| match e {
+                    PkiError::PublicKey(_) => ServiceError::PublicKey(e),
+                    e => ServiceError::Ca(e),
+                })?;
+            let key = RecordKey::Cluster(cluster.id.clone()).to_string();
+            let reg = Record::Cluster(ClusterRegistration {
+                cluster: cluster.clone(),
+                certificate_serial: serial.clone(),
+                joined_at_unix_ms: unix_ms(now),
+            });
+            // Guarded by the registry version: two concurrent joins with overlapping CIDRs
+            // cannot both pass the overlap check.
+            let mut txn = Txn::default()
+                .when(Compare::Absent(key.clone()))
+                .when(match &version {
+                    Some(v) => Compare::ModRevision(REGISTRY_VERSION_KEY.into(), v.mod_revision),
+                    None => Compare::Absent(REGISTRY_VERSION_KEY.into()),
+                })
+                .and_put(key, reg.encode(), 0)
+                .and_put(REGISTRY_VERSION_KEY, cluster.id.to_string().into_bytes(), 0);
+            if let (Some(kv), Some(mut t)) = (token_kv, token) {
+                txn = txn.when(Compare::ModRevision(tkey.clone(), kv.mod_revision));
+                if t.single_use {
+                    t.used_by = cluster.id.to_string();
+                    txn = txn.and_put(tkey.clone(), t.encode_to_vec(), 0);
+                }
+            }
+            if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
+                self.registry.set(cluster.id.clone(), serial, revision);
+                info!(cluster = %cluster.id, "cluster joined");
+                return Ok(proto::JoinResponse {
+                    certificate_pem: cert_pem,
+                    ca_certificate_pem: self.ca.cert_pem.clone(),
+                    revision,
+                });
+            }
+        }
+        Err(ServiceError::Conflict(
+            "the cluster registry kept changing during the join; retry".into(),
+        ))
+    }
+
+    async fn do_publish(
+        &self,
+        identity: Identity,
+        remote: Option<SocketAddr>,
+        req: proto::PublishRequest,
+    ) -> Result<proto::PublishResponse, ServiceError> {
+        let mut record: Record = req
+            .record
+            .ok_or(ValidationError::Missing("record"))?
+            .try_into()?;
+        let key = record.key();
+        let (caller, reg_rev) = self.authorize_write(&identity, &key).await?;
+        if let Record::Gateway(g) = &mut record {
+            // The public address is what the broker sees, not what the gateway claims.
+            g.public_addr = remote.map(|a| a.ip());
+        }
+        if req.lease_id != 0 {
+            self.check_lease(req.lease_id, &caller).await?;
+        }
+        let skey = key.to_string();
+        let mut txn = Txn::default()
+            .when(Compare::ModRevision(
+                RecordKey::Cluster(caller).to_string(),
+                reg_rev,
+            ))
+            .and_put(skey.clone(), record.encode(), req.lease_id);
+        if req.create_only {
+            txn = txn.when(Compare::Absent(skey.clone()));
+        } else if req.expected_revision != 0 {
+            txn = txn.when(Compare::ModRevision(skey.clone(), req.expected_revision));
+        }
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { revision, .. } => Ok(proto::PublishResponse { revision }),
+            TxnOutcome::Failed => Err(self.explain_failed_write(&identity, &key).await),
+        }
+    }
+
+    async fn do_withdraw(
+        &self,
+        identity: Identity,
+        req: proto::WithdrawRequest,
+    ) -> Result<proto::WithdrawResponse, ServiceError> {
+        let kind = Kind::from_proto(req.kind)?;
+        let Identity::Cluster { id, .. } = &identity else {
+            return Err(Denied::AdminWrite.into());
+        };
+        let key = RecordKey::from_name(kind, id, &req.name)?;
+        let (caller, reg_rev) = self.authorize_write(&identity, &key).await?;
+        let txn = Txn::default()
+            .when(Compare::ModRevision(
+                RecordKey::Cluster(caller).to_string(),
+                reg_rev,
+            ))
+            .and_delete(key.to_string());
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { revision, deleted } => Ok(proto::WithdrawResponse {
+                deleted: deleted > 0,
+                revision,
+            }),
+            TxnOutcome::Failed => Err(self.explain_failed_write(&identity, &key).await),
+        }
+    }
+
+    async fn do_revoke(&self, req: proto::RevokeClusterRequest) -> Result<u32, ServiceError> {
+        let id: ClusterId = req.cluster_id.parse()?;
+        let key = RecordKey::Cluster(id.clone()).to_string();
+        if self.store.get(&key).await?.is_none() {
+            return Err(ServiceError::NotFound(format!(
+                "no cluster {id:?} has joined this broker (see clusterlink show clusters)"
+            )));
+        }
+        let mut txn = Txn::default().and_delete(key);
+        for kind in [Kind::Gateways, Kind::Services, Kind::Connections] {
+            txn = txn.and_delete_prefix(format!("{}{id}/", kind.prefix()));
+        }
+        let deleted = match self.store.txn(txn).await? {
+            TxnOutcome::Committed { deleted, .. } => deleted,
+            TxnOutcome::Failed => 0,
+        };
+        self.registry.remove(&id);
+        info!(cluster = %id, records = deleted, "cluster revoked");
+        Ok(deleted as u32)
+    }
+}
+
+async fn list_registry<S: Store>(
+    store: &S,
+) -> Result<(BTreeMap<ClusterId, (String, Revision)>, Revision), StoreError> {
+    let (kvs, rev) = store.list(Kind::Clusters.prefix()).await?;
+    let all = kvs
+        .iter()
+        .filter_map(|kv| {
+            decode_registration(kv).map(|r| (r.cluster.id, (r.certificate_serial, kv.mod_revision)))
+        })
+        .collect();
+    Ok((all, rev))
+}
+
+#[tonic::async_trait]
+impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
+    async fn join(
+        &self,
+        request: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
+        Ok(Response::new(self.do_join(request.into_inner()).await?))
+    }
+
+    async fn list(
+        &self,
+        request: Request<proto::ListRequest>,
+    ) -> Result<Response<proto::ListResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        self.authorize_read(&identity).await?;
+        let kind = Kind::from_proto(request.get_ref().kind).map_err(ServiceError::from)?;
+        let (kvs, revision) = self
+            .store
+            .list(kind.prefix())
+            .await
+            .map_err(ServiceError::from)?;
+        let records = kvs
+            .iter()
+            .filter_map(|kv| proto::Record::decode(kv.value.as_slice()).ok())
+            .collect();
+        Ok(Response::new(proto::ListResponse { records, revision }))
+    }
+
+    type WatchStream = ReceiverStream<Result<proto::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let identity = Self::identity(&request)?;
+        self.authorize_read(&identity).await?;
+        let req = request.into_inner();
+        let kind = Kind::from_proto(req.kind).map_err(ServiceError::from)?;
+        let (tx, rx) = mpsc::channel(16);
+        self.hub.watch(kind, req.from_revision, tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        let remote = request.remote_addr();
+        Ok(Response::new(
+            self.do_publish(identity, remote, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn withdraw(
+        &self,
+        request: Request<proto::WithdrawRequest>,
+    ) -> Result<Response<proto::WithdrawResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        Ok(Response::new(
+            self.do_withdraw(identity, request.into_inner()).await?,
+        ))
+    }
+
+    async fn grant_lease(
+        &self,
+        request: Request<proto::GrantLeaseRequest>,
+    ) -> Result<Response<proto::GrantLeaseResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        let Identity::Cluster { id, .. } = &identity else {
+            return Err(ServiceError::from(Denied::AdminWrite).into());
+        };
+        self.authorize_read(&identity).await?;
+        let ttl =
+            Duration::from_secs(u64::from(request.get_ref().ttl_seconds.max(1))).min(MAX_LEASE_TTL);
+        let lease = self
+            .store
+            .grant_lease(ttl)
+            .await
+            .map_err(ServiceError::from)?;
+        self.store
+            .txn(Txn::default().and_put(
+                format!("{LEASE_OWNER_PREFIX}{lease}"),
+                id.to_string().into_bytes(),
+                lease,
+            ))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(proto::GrantLeaseResponse {
+            lease_id: lease,
+            ttl_seconds: ttl.as_secs() as u32,
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<proto::KeepAliveRequest>,
+    ) -> Result<Response<proto::KeepAliveResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        let Identity::Cluster { id, .. } = &identity else {
+            return Err(ServiceError::from(Denied::AdminWrite).into());
+        };
+        self.authorize_read(&identity).await?;
+        let lease = request.get_ref().lease_id;
+        self.check_lease(lease, id).await?;
+        let ttl = self
+            .store
+            .keep_alive(lease)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(proto::KeepAliveResponse {
+            ttl_seconds: ttl.as_secs() as u32,
+        }))
+    }
+
+    async fn revoke_cluster(
+        &self,
+        request: Request<proto::RevokeClusterRequest>,
+    ) -> Result<Response<proto::RevokeClusterResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        core::authorize_admin(&identity).map_err(ServiceError::from)?;
+        let records_removed = self.do_revoke(request.into_inner()).await?;
+        Ok(Response::new(proto::RevokeClusterResponse {
+            records_removed,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        core::authorize_admin(&identity).map_err(ServiceError::from)?;
+        let req = request.into_inner();
+        let ttl = if req.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL
+        } else {
+            Duration::from_secs(req.ttl_seconds)
+        };
+        let (token, expires_at_unix_ms) =
+            create_token(&self.store, self.clock.now(), ttl, req.single_use)
+                .await
+                .map_err(ServiceError::from)?;
+        Ok(Response::new(proto::CreateTokenResponse {
+            token,
+            expires_at_unix_ms,
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<proto::WhoAmIRequest>,
+    ) -> Result<Response<proto::WhoAmIResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        self.authorize_read(&identity).await?;
+        Ok(Response::new(proto::WhoAmIResponse {
+            identity: identity.to_string(),
+        }))
+    }
+}
