@@ -267,9 +267,31 @@ pub struct ServiceRecord {
     pub exported_at_unix_ms: i64,
 }
 
+/// Bounds on one service record, so one export cannot bloat every watcher's memory.
+pub const MAX_SERVICE_PORTS: usize = 100;
+pub const MAX_SERVICE_IPS: usize = 16;
+pub const MAX_SERVICE_ENDPOINTS: usize = 10_000;
+
+fn at_most(what: &'static str, n: usize, max: usize) -> Result<(), ValidationError> {
+    if n > max {
+        return Err(ValidationError::Invalid {
+            what,
+            reason: format!("{n} given, at most {max} allowed"),
+        });
+    }
+    Ok(())
+}
+
 impl TryFrom<proto::ServiceRecord> for ServiceRecord {
     type Error = ValidationError;
     fn try_from(p: proto::ServiceRecord) -> Result<Self, Self::Error> {
+        at_most("service ports", p.ports.len(), MAX_SERVICE_PORTS)?;
+        at_most("service IPs", p.ips.len(), MAX_SERVICE_IPS)?;
+        at_most(
+            "service endpoints",
+            p.endpoints.len(),
+            MAX_SERVICE_ENDPOINTS,
+        )?;
         let service_type = match proto::ServiceType::try_from(p.r#type) {
             Ok(proto::ServiceType::ClusterSetIp) => ServiceType::ClusterSetIP,
             Ok(proto::ServiceType::Headless) => ServiceType::Headless,

@@ -33,11 +33,11 @@ pub enum JoinRefusal {
     )]
     TokenUsed { by: String },
     #[error(
-        "a cluster with ID {id:?} has already joined; choose another --cluster-id, or revoke the old one first (clusterlink broker revoke {id})"
+        "a cluster with ID \"{id}\" has already joined; choose another --cluster-id, or revoke the old one first (clusterlink broker revoke {id})"
     )]
     DuplicateCluster { id: ClusterId },
     #[error(
-        "CIDR {ours} overlaps {theirs} of cluster {cluster:?}; clusters joined at layer 3 need disjoint pod and service CIDRs"
+        "CIDR {ours} overlaps {theirs} of cluster \"{cluster}\"; clusters joined at layer 3 need disjoint pod and service CIDRs"
     )]
     Overlap {
         cluster: ClusterId,

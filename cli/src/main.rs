@@ -1,1 +1,81 @@
-fn main() {}
+//! `clusterlink`: the one binary. This file only parses and dispatches.
+
+mod cmd;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "clusterlink",
+    version,
+    about = "Layer-3 multi-cluster connectivity for Kubernetes"
+)]
+struct Cli {
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `clusterlink_broker=debug`.
+    #[arg(long, global = true, env = "CLUSTERLINK_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "CLUSTERLINK_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a broker: its CA, certificates, config, and a broker-info file to join with.
+    DeployBroker(cmd::broker::DeployArgs),
+    /// Run or administer a broker.
+    #[command(subcommand)]
+    Broker(cmd::broker::BrokerCommand),
+    /// Join this cluster to a broker with a broker-info file.
+    Join(cmd::join::JoinArgs),
+    /// Show what the broker knows.
+    #[command(subcommand)]
+    Show(cmd::show::ShowCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::DeployBroker(a) => cmd::broker::deploy(a).await,
+            Command::Broker(c) => cmd::broker::run(c).await,
+            Command::Join(a) => cmd::join::run(a).await,
+            Command::Show(c) => cmd::show::run(c).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,818 @@
+//! The broker's gRPC API over real mTLS on loopback: joins, the refusals of the identity and
+//! authorization rules, watches, and several stateless brokers on one etcd.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use clusterlink_api::proto::{self, broker_client::BrokerClient};
+use clusterlink_api::{Kind, Record};
+use clusterlink_broker::client::connect;
+use clusterlink_broker::pki::{Ca, CertAndKey, new_ca, new_client_key};
+use clusterlink_broker::server::{BrokerTls, serve};
+use clusterlink_broker::service::{Clock, create_token};
+use clusterlink_broker::store::embedded::EmbeddedOptions;
+use clusterlink_broker::store::{EmbeddedStore, EtcdStore, Store};
+use clusterlink_broker::testing::EtcdServer;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+struct ManualClock(Arc<Mutex<SystemTime>>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl ManualClock {
+    fn advance(&self, d: Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+struct TestBroker {
+    address: String,
+    tls: BrokerTls,
+    admin: CertAndKey,
+    clock: ManualClock,
+    _stop: oneshot::Sender<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn make_tls() -> (BrokerTls, CertAndKey) {
+    let now = SystemTime::now();
+    let ca = new_ca(now).unwrap();
+    let loaded = Ca::load(&ca).unwrap();
+    let server = loaded.server_cert(now, &["127.0.0.1".into()]).unwrap();
+    let admin = loaded.admin_cert(now).unwrap();
+    (BrokerTls { ca, server }, admin)
+}
+
+impl TestBroker {
+    async fn start<S: Store>(
+        store: S,
+        tls: BrokerTls,
+        admin: CertAndKey,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let clock = ManualClock(Arc::new(Mutex::new(SystemTime::now())));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let c: Arc<dyn Clock> = Arc::new(clock.clone());
+        let t = tls.clone();
+        tokio::spawn(async move {
+            serve(store, t, listener, c, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestBroker {
+            address,
+            tls,
+            admin,
+            clock,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    async fn embedded() -> (Self, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+        let (tls, admin) = make_tls();
+        (
+            Self::start(store.clone(), tls, admin, Some(dir)).await,
+            store,
+        )
+    }
+
+    async fn anonymous(&self) -> BrokerClient<Channel> {
+        connect(&self.address, &self.tls.ca.cert_pem, None)
+            .await
+            .unwrap()
+    }
+
+    async fn admin(&self) -> BrokerClient<Channel> {
+        connect(
+            &self.address,
+            &self.tls.ca.cert_pem,
+            Some((&self.admin.cert_pem, &self.admin.key_pem)),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn token(&self, single_use: bool) -> String {
+        self.admin()
+            .await
+            .create_token(proto::CreateTokenRequest {
+                ttl_seconds: 3600,
+                single_use,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    /// Joins a cluster; returns a client acting as it.
+    async fn join(
+        &self,
+        token: &str,
+        id: &str,
+        pods: &str,
+        svcs: &str,
+    ) -> Result<BrokerClient<Channel>, tonic::Status> {
+        let (key, spki) = new_client_key().unwrap();
+        let resp = self
+            .anonymous()
+            .await
+            .join(join_request(token, id, pods, svcs, spki))
+            .await?
+            .into_inner();
+        Ok(connect(
+            &self.address,
+            &self.tls.ca.cert_pem,
+            Some((&resp.certificate_pem, &key)),
+        )
+        .await
+        .unwrap())
+    }
+}
+
+fn join_request(
+    token: &str,
+    id: &str,
+    pods: &str,
+    svcs: &str,
+    spki: Vec<u8>,
+) -> proto::JoinRequest {
+    proto::JoinRequest {
+        token: token.into(),
+        cluster: Some(proto::Cluster {
+            id: id.into(),
+            pod_cidrs: vec![pods.into()],
+            service_cidrs: vec![svcs.into()],
+            labels: Default::default(),
+        }),
+        public_key_der: spki,
+    }
+}
+
+fn service(cluster: &str, ns: &str, name: &str) -> proto::Record {
+    proto::Record {
+        kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
+            cluster: cluster.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            r#type: proto::ServiceType::ClusterSetIp as i32,
+            ports: vec![proto::ServicePort {
+                name: "tcp".into(),
+                protocol: "TCP".into(),
+                port: 7,
+                app_protocol: String::new(),
+            }],
+            ips: vec!["10.101.0.10".into()],
+            endpoints: vec![],
+            ready: true,
+            exported_at_unix_ms: 1,
+        })),
+    }
+}
+
+fn gateway(cluster: &str, node: &str) -> proto::Record {
+    proto::Record {
+        kind: Some(proto::record::Kind::Gateway(proto::GatewayEndpoint {
+            cluster: cluster.into(),
+            node: node.into(),
+            public_key: vec![9; 32],
+            private_addr: "192.0.2.10".into(),
+            public_addr: "203.0.113.99".into(),
+            port: 51820,
+            role: proto::GatewayRole::Active as i32,
+            generation: 1,
+        })),
+    }
+}
+
+fn publish(record: proto::Record) -> proto::PublishRequest {
+    proto::PublishRequest {
+        record: Some(record),
+        lease_id: 0,
+        expected_revision: 0,
+        create_only: false,
+    }
+}
+
+async fn list(c: &mut BrokerClient<Channel>, kind: Kind) -> Vec<Record> {
+    c.list(proto::ListRequest {
+        kind: kind.to_proto() as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records
+    .into_iter()
+    .map(|r| Record::try_from(r).unwrap())
+    .collect()
+}
+
+#[tokio::test]
+async fn clusters_join_publish_and_list() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west = b
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    let who = east
+        .who_am_i(proto::WhoAmIRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(who.identity, "cluster/east");
+    east.publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap();
+    west.publish(publish(gateway("west", "gw-0")))
+        .await
+        .unwrap();
+    let clusters = list(&mut west, Kind::Clusters).await;
+    assert_eq!(clusters.len(), 2);
+    let services = list(&mut west, Kind::Services).await;
+    assert_eq!(services.len(), 1);
+    // The broker records the address it saw, not the one the gateway claimed.
+    match &list(&mut east, Kind::Gateways).await[..] {
+        [Record::Gateway(g)] => assert_eq!(g.public_addr, Some("127.0.0.1".parse().unwrap())),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_cannot_write_another_clusters_records() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west = b
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    west.publish(publish(service("west", "demo", "echo")))
+        .await
+        .unwrap();
+    let err = east
+        .publish(publish(service("west", "demo", "evil")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("east may not write records of cluster west"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        store
+            .get("services/west/demo/evil")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Nor overwrite one, nor a cluster registration.
+    assert_eq!(
+        east.publish(publish(service("west", "demo", "echo")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let forged = proto::Record {
+        kind: Some(proto::record::Kind::Cluster(proto::ClusterRegistration {
+            cluster: Some(proto::Cluster {
+                id: "east".into(),
+                pod_cidrs: vec!["10.0.0.0/8".into()],
+                service_cidrs: vec!["172.16.0.0/16".into()],
+                labels: Default::default(),
+            }),
+            certificate_serial: "00".into(),
+            joined_at_unix_ms: 0,
+        })),
+    };
+    assert_eq!(
+        east.publish(publish(forged)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // Withdrawing is scoped to the caller's own records: east's "demo/echo" is not west's.
+    let w = east
+        .withdraw(proto::WithdrawRequest {
+            kind: Kind::Services.to_proto() as i32,
+            name: "demo/echo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!w.deleted);
+    assert!(
+        store
+            .get("services/west/demo/echo")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Admins read but do not publish.
+    assert_eq!(
+        b.admin()
+            .await
+            .publish(publish(service("west", "demo", "x")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+}
+
+#[tokio::test]
+async fn joins_with_overlapping_cidrs_are_refused_naming_the_cluster() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    b.join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let err = b
+        .join(&t, "west", "10.2.0.0/16", "10.1.128.0/17")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("10.1.128.0/17 overlaps 10.1.0.0/16 of cluster \"east\""),
+        "{}",
+        err.message()
+    );
+    assert!(store.get("clusters/west").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn concurrent_overlapping_joins_admit_exactly_one() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    for round in 0..5u8 {
+        let pods = format!("10.{}.0.0/16", 10 + round);
+        let (a, bb) = (format!("a{round}"), format!("b{round}"));
+        let (sa, sb) = (
+            format!("10.{}.0.0/16", 100 + round),
+            format!("10.{}.0.0/16", 150 + round),
+        );
+        let (r1, r2) = tokio::join!(b.join(&t, &a, &pods, &sa), b.join(&t, &bb, &pods, &sb));
+        assert_eq!(
+            r1.is_ok() as u8 + r2.is_ok() as u8,
+            1,
+            "round {round}: exactly one of two overlapping joins wins"
+        );
+    }
+    assert_eq!(store.list("clusters/").await.unwrap().0.len(), 5);
+}
+
+#[tokio::test]
+async fn duplicate_cluster_ids_are_refused() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    b.join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let err = b
+        .join(&t, "east", "10.3.0.0/16", "10.103.0.0/16")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("\"east\" has already joined"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn tokens_expire_and_single_use_tokens_are_used_once() {
+    let (b, _) = TestBroker::embedded().await;
+    let unknown = format!("clt1.{}", "0".repeat(64));
+    let err = b
+        .join(&unknown, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not known"), "{}", err.message());
+
+    let once = b.token(true).await;
+    b.join(&once, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let err = b
+        .join(&once, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("\"east\" has already used it"),
+        "{}",
+        err.message()
+    );
+
+    let expiring = b.token(false).await; // valid for an hour on the broker's clock
+    b.clock.advance(Duration::from_secs(3601));
+    let err = b
+        .join(&expiring, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("expired"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn revoked_clusters_are_cut_off_and_their_records_removed() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    east.publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap();
+    east.publish(publish(gateway("east", "gw-0")))
+        .await
+        .unwrap();
+    // Only the admin may revoke.
+    let err = east
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "east".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let r = b
+        .admin()
+        .await
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "east".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.records_removed, 3);
+    let err = east
+        .publish(publish(service("east", "demo", "again")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("no longer"), "{}", err.message());
+    assert_eq!(
+        east.list(proto::ListRequest {
+            kind: Kind::Clusters.to_proto() as i32
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+    assert!(store.list("services/east/").await.unwrap().0.is_empty());
+    // Re-joining issues a new certificate; the old one stays void.
+    let mut again = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    again
+        .publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap();
+    assert_eq!(
+        east.publish(publish(service("east", "demo", "echo")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let err = b
+        .admin()
+        .await
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn calls_without_a_certificate_or_from_another_ca_are_refused() {
+    let (b, _) = TestBroker::embedded().await;
+    let err = b
+        .anonymous()
+        .await
+        .list(proto::ListRequest {
+            kind: Kind::Clusters.to_proto() as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("client certificate"),
+        "{}",
+        err.message()
+    );
+    // A certificate from another CA fails the TLS handshake.
+    let (_, foreign_admin) = make_tls();
+    let res = connect(
+        &b.address,
+        &b.tls.ca.cert_pem,
+        Some((&foreign_admin.cert_pem, &foreign_admin.key_pem)),
+    )
+    .await;
+    let refused = match res {
+        Err(_) => true,
+        Ok(mut c) => c
+            .list(proto::ListRequest {
+                kind: Kind::Clusters.to_proto() as i32,
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a foreign CA's certificate must not be accepted");
+}
+
+#[tokio::test]
+async fn invalid_and_oversized_records_are_refused() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut bad = service("east", "Demo", "echo");
+    let err = east.publish(publish(bad.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("\"Demo\""), "{}", err.message());
+    if let Some(proto::record::Kind::Service(s)) = &mut bad.kind {
+        s.namespace = "demo".into();
+        s.ips = vec!["10.101.0.10".into(); 1000];
+    }
+    let err = east.publish(publish(bad.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most"), "{}", err.message());
+    if let Some(proto::record::Kind::Service(s)) = &mut bad.kind {
+        s.ips = vec!["10.101.0.10".into(); 400_000]; // over 5 MB on the wire
+    }
+    // A client that would send it: the broker's own limit refuses it.
+    let mut east = east.max_encoding_message_size(64 << 20);
+    let err = east.publish(publish(bad)).await.unwrap_err();
+    assert!(err.message().contains("too large"), "{err:?}");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    assert!(store.list("services/").await.unwrap().0.is_empty());
+}
+
+#[tokio::test]
+async fn leases_belong_to_their_cluster_and_take_records_with_them() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west = b
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    let lease = east
+        .grant_lease(proto::GrantLeaseRequest { ttl_seconds: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease_id;
+    let mut req = publish(gateway("east", "gw-0"));
+    req.lease_id = lease;
+    east.publish(req).await.unwrap();
+    // West cannot use or renew east's lease.
+    let mut req = publish(gateway("west", "gw-0"));
+    req.lease_id = lease;
+    assert_eq!(west.publish(req).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        west.keep_alive(proto::KeepAliveRequest { lease_id: lease })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    east.keep_alive(proto::KeepAliveRequest { lease_id: lease })
+        .await
+        .unwrap();
+    store.revoke_lease(lease).await.unwrap();
+    assert!(store.get("gateways/east/gw-0").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn compare_and_swap_over_the_api() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut req = publish(service("east", "demo", "echo"));
+    req.create_only = true;
+    let rev = east
+        .publish(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    assert_eq!(east.publish(req).await.unwrap_err().code(), Code::Aborted);
+    let mut req = publish(service("east", "demo", "echo"));
+    req.expected_revision = rev + 1000;
+    assert_eq!(
+        east.publish(req.clone()).await.unwrap_err().code(),
+        Code::Aborted
+    );
+    req.expected_revision = rev;
+    east.publish(req).await.unwrap();
+}
+
+/// Reads watch responses until `n` events arrived.
+async fn watch_events(
+    stream: &mut tonic::Streaming<proto::WatchResponse>,
+    n: usize,
+) -> Vec<proto::WatchEvent> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("watch event within 10 s")
+            .unwrap()
+            .unwrap();
+        assert!(!msg.relist_required);
+        out.extend(msg.events);
+    }
+    out
+}
+
+#[tokio::test]
+async fn watches_resume_from_a_revision_exactly_once() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let start = east
+        .list(proto::ListRequest {
+            kind: Kind::Services.to_proto() as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let mut stream = east
+        .watch(proto::WatchRequest {
+            kind: Kind::Services.to_proto() as i32,
+            from_revision: start,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut revs = Vec::new();
+    for i in 0..5 {
+        revs.push(
+            east.publish(publish(service("east", "demo", &format!("s{i}"))))
+                .await
+                .unwrap()
+                .into_inner()
+                .revision,
+        );
+        // Other kinds do not show up in a services watch.
+        east.publish(publish(gateway("east", &format!("gw-{i}"))))
+            .await
+            .unwrap();
+    }
+    let got = watch_events(&mut stream, 5).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), revs);
+    drop(stream);
+    // Reconnect after the third: exactly the fourth and fifth, then a live delete.
+    let mut stream = east
+        .watch(proto::WatchRequest {
+            kind: Kind::Services.to_proto() as i32,
+            from_revision: revs[2],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let del = east
+        .withdraw(proto::WithdrawRequest {
+            kind: Kind::Services.to_proto() as i32,
+            name: "demo/s0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = watch_events(&mut stream, 3).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![revs[3], revs[4], del.revision]
+    );
+    assert_eq!(got[2].r#type, proto::EventType::Delete as i32);
+    assert_eq!(got[2].key, "services/east/demo/s0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_stateless_brokers_serve_one_etcd() {
+    let etcd = EtcdServer::start().expect("start etcd (Debian etcd-server)");
+    let (tls, admin) = make_tls();
+    let s1 = EtcdStore::connect(&etcd.url(), "/clusterlink")
+        .await
+        .unwrap();
+    let s2 = EtcdStore::connect(&etcd.url(), "/clusterlink")
+        .await
+        .unwrap();
+    let a = TestBroker::start(s1.clone(), tls.clone(), admin.clone(), None).await;
+    let b = TestBroker::start(s2, tls, admin, None).await;
+    // A token made through one broker is redeemed through the other.
+    let t = a.token(false).await;
+    let mut east_b = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west_a = a
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    // The overlap check sees clusters that joined through the other broker.
+    assert_eq!(
+        a.join(&t, "south", "10.1.0.0/24", "10.201.0.0/16")
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::FailedPrecondition
+    );
+    // A watch on one broker sees a publish through the other.
+    let rev = west_a
+        .list(proto::ListRequest {
+            kind: Kind::Services.to_proto() as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let mut stream = west_a
+        .watch(proto::WatchRequest {
+            kind: Kind::Services.to_proto() as i32,
+            from_revision: rev,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let published = east_b
+        .publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let got = watch_events(&mut stream, 1).await;
+    assert_eq!(got[0].revision, published);
+    assert_eq!(list(&mut west_a, Kind::Clusters).await.len(), 2);
+    // Revoked through one broker, refused by the other.
+    a.admin()
+        .await
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "east".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        east_b
+            .publish(publish(service("east", "demo", "x")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert!(s1.get("services/east/demo/x").await.unwrap().is_none());
+    let _ = create_token::<EtcdStore>; // the same token code serves both backends
+}

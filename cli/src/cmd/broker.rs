@@ -1,0 +1,275 @@
+//! `deploy-broker`, `broker run`, `broker revoke`, `broker token create`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use clusterlink_api::proto;
+use clusterlink_broker::client::{BrokerInfo, Credentials, check_address, connect_with};
+use clusterlink_broker::deploy::{AnyStore, BrokerConfig, DataDir, StoreSpec};
+use clusterlink_broker::server::serve;
+use clusterlink_broker::service::{SystemClock, create_token};
+use tracing::info;
+
+use super::{CredentialsArg, call};
+use crate::output::print;
+
+#[derive(Args)]
+pub struct DeployArgs {
+    /// Directory for the broker's CA, config and (embedded) store. Must not hold a broker yet.
+    #[arg(long, env = "CLUSTERLINK_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address the broker listens on.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// HOST:PORT clusters use to reach the broker (default: the listen address; 127.0.0.1
+    /// if that is a wildcard).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// `embedded` (a redb file in the data directory) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, default_value = "embedded")]
+    pub store: StoreSpec,
+    /// Extra DNS names or IPs for the broker's server certificate.
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// How long the join token in the broker-info file stays valid.
+    #[arg(long, default_value = "24h")]
+    pub token_ttl: humantime::Duration,
+    /// Make the join token usable by one cluster only.
+    #[arg(long)]
+    pub single_use: bool,
+    /// Where to write the broker-info file (default: DATA_DIR/broker-info.yaml).
+    #[arg(long)]
+    pub broker_info: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum BrokerCommand {
+    /// Run a broker from its data directory until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Cut a cluster off: its certificate stops working and its records are removed.
+    Revoke(RevokeArgs),
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[arg(long, env = "CLUSTERLINK_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Override the listen address from broker.yaml.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Override the store from broker.yaml.
+    #[arg(long)]
+    pub store: Option<StoreSpec>,
+}
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// The cluster to revoke.
+    pub cluster_id: String,
+    #[command(flatten)]
+    pub credentials: CredentialsArg,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a new join token and write a broker-info file with it.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Args)]
+pub struct TokenCreateArgs {
+    #[arg(long, default_value = "24h")]
+    pub ttl: humantime::Duration,
+    #[arg(long)]
+    pub single_use: bool,
+    /// Where to write the broker-info file.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub credentials: CredentialsArg,
+}
+
+fn default_advertise(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+pub async fn deploy(a: DeployArgs) -> Result<()> {
+    let dir = DataDir::new(&a.data_dir);
+    let advertise = a
+        .advertise
+        .clone()
+        .unwrap_or_else(|| default_advertise(a.listen));
+    check_address(&advertise).context("Invalid --advertise")?;
+    if dir.root.join("pki").join("ca.crt").exists() {
+        bail!(clusterlink_broker::deploy::DeployError::AlreadyDeployed(
+            dir.root.clone()
+        ));
+    }
+    // Reach the store before writing anything, so a bad --store leaves nothing behind.
+    let store = a
+        .store
+        .open(&dir.root)
+        .await
+        .with_context(|| format!("Failed to open the store {}", a.store))?;
+    let now = SystemTime::now();
+    let mut names = a.server_names.clone();
+    if let Some((host, _)) = advertise.rsplit_once(':') {
+        names.push(host.trim_matches(['[', ']']).to_owned());
+    }
+    if !a.listen.ip().is_unspecified() {
+        names.push(a.listen.ip().to_string());
+    }
+    names.sort();
+    names.dedup();
+    let config = BrokerConfig::new(a.listen, advertise.clone(), &a.store);
+    let result = async {
+        let (tls, admin) = dir.init(now, &config, &names)?;
+        let (token, expires) = match &store {
+            AnyStore::Embedded(s) => create_token(s, now, a.token_ttl.into(), a.single_use).await?,
+            AnyStore::Etcd(s) => create_token(s, now, a.token_ttl.into(), a.single_use).await?,
+        };
+        let info_path = a
+            .broker_info
+            .clone()
+            .unwrap_or_else(|| dir.broker_info_path());
+        BrokerInfo::new(advertise.clone(), tls.ca.cert_pem.clone(), token, expires)
+            .write(&info_path)?;
+        Credentials::new(
+            advertise.clone(),
+            tls.ca.cert_pem.clone(),
+            "admin".into(),
+            admin.cert_pem,
+            admin.key_pem,
+        )
+        .write(&dir.admin_path())?;
+        anyhow::Ok(info_path)
+    }
+    .await;
+    let info_path = match result {
+        Ok(p) => p,
+        Err(e) => {
+            // Leave no half-made broker behind.
+            let _ = std::fs::remove_dir_all(dir.root.join("pki"));
+            let _ = std::fs::remove_file(dir.config_path());
+            return Err(e.context("Failed to deploy the broker"));
+        }
+    };
+    print(&format!(
+        "Broker created in {dir}.\n  store:       {store}\n  listen:      {listen}\n  advertised:  {advertise}\n  broker-info: {info} (token valid {ttl}{single})\n  admin:       {admin}\n\nStart it:    clusterlink broker run --data-dir {dir}\nJoin a cluster: clusterlink join {info} --cluster-id ID --pod-cidr CIDR --service-cidr CIDR\n",
+        dir = dir.root.display(),
+        store = a.store,
+        listen = a.listen,
+        info = info_path.display(),
+        ttl = a.token_ttl,
+        single = if a.single_use { ", single use" } else { "" },
+        admin = dir.admin_path().display(),
+    ));
+    Ok(())
+}
+
+pub async fn run(c: BrokerCommand) -> Result<()> {
+    match c {
+        BrokerCommand::Run(a) => run_broker(a).await,
+        BrokerCommand::Revoke(a) => revoke(a).await,
+        BrokerCommand::Token(TokenCommand::Create(a)) => token_create(a).await,
+    }
+}
+
+async fn run_broker(a: RunArgs) -> Result<()> {
+    let dir = DataDir::new(&a.data_dir);
+    let config = dir.load_config()?;
+    let tls = dir
+        .load_tls()
+        .context("Failed to load the broker's certificates")?;
+    let listen = a.listen.unwrap_or(config.listen);
+    let store_spec = match a.store {
+        Some(s) => s,
+        None => config.store.parse().map_err(anyhow::Error::msg)?,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("Failed to listen on {listen}: is another broker running there?")
+        })?;
+    let store = store_spec
+        .open(&dir.root)
+        .await
+        .with_context(|| format!("Failed to open the store {store_spec}"))?;
+    info!(%listen, store = %store_spec, "starting broker");
+    let clock = Arc::new(SystemClock);
+    let shutdown = shutdown_signal();
+    match store {
+        AnyStore::Embedded(s) => serve(s, tls, listener, clock, shutdown).await?,
+        AnyStore::Etcd(s) => serve(s, tls, listener, clock, shutdown).await?,
+    }
+    info!("broker stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn revoke(a: RevokeArgs) -> Result<()> {
+    let creds = a.credentials.load()?;
+    let mut client = connect_with(&creds).await?;
+    let r = call(
+        "revoke",
+        client.revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: a.cluster_id.clone(),
+        }),
+    )
+    .await?;
+    print(&format!(
+        "Cluster {} revoked: its certificate no longer works; {} record(s) removed.\n",
+        a.cluster_id, r.records_removed
+    ));
+    Ok(())
+}
+
+async fn token_create(a: TokenCreateArgs) -> Result<()> {
+    let creds = a.credentials.load()?;
+    let mut client = connect_with(&creds).await?;
+    let r = call(
+        "create token",
+        client.create_token(proto::CreateTokenRequest {
+            ttl_seconds: a.ttl.as_secs(),
+            single_use: a.single_use,
+        }),
+    )
+    .await?;
+    BrokerInfo::new(
+        creds.address.clone(),
+        creds.ca_certificate.clone(),
+        r.token,
+        r.expires_at_unix_ms,
+    )
+    .write(&a.output)?;
+    print(&format!(
+        "Wrote {} (token valid {}{}).\n",
+        a.output.display(),
+        a.ttl,
+        if a.single_use { ", single use" } else { "" }
+    ));
+    Ok(())
+}

@@ -1,0 +1,62 @@
+pub mod broker;
+pub mod join;
+pub mod show;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clusterlink_broker::client::Credentials;
+
+/// How long one request to the broker may take.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which credentials to talk to the broker with.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CredentialsArg {
+    /// Credentials file: a cluster's (from `clusterlink join`) or the admin's
+    /// (DATA_DIR/admin.yaml from `clusterlink deploy-broker`).
+    #[arg(long, env = "CLUSTERLINK_CREDENTIALS")]
+    pub credentials: PathBuf,
+}
+
+impl CredentialsArg {
+    pub fn load(&self) -> Result<Credentials> {
+        Credentials::read(&self.credentials).context("Failed to load credentials")
+    }
+}
+
+/// Runs one broker call with a deadline, turning gRPC statuses into plain sentences.
+pub async fn call<T>(
+    what: &str,
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        Err(_) => Err(anyhow!(
+            "{what}: the broker did not answer within {RPC_TIMEOUT:?}; check that it runs and is reachable"
+        )),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(status)) => Err(explain(what, &status)),
+    }
+}
+
+pub fn explain(what: &str, status: &tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    let msg = status.message();
+    match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted
+            if msg.contains("message length too large") || msg.contains("too large") =>
+        {
+            anyhow!(
+                "{what}: the message is larger than the broker accepts ({} MiB); send fewer or smaller records per request ({msg})",
+                clusterlink_api::MAX_MESSAGE_BYTES / (1024 * 1024)
+            )
+        }
+        Code::Unavailable => {
+            anyhow!("{what}: the broker is unavailable: {msg}; check that it runs and is reachable")
+        }
+        Code::Unauthenticated => anyhow!("{what}: not authenticated: {msg}"),
+        _ => anyhow!("{what}: {msg}"),
+    }
+}

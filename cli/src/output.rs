@@ -1,0 +1,42 @@
+//! `-o table|json|yaml` for every `show`.
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Something printable as a table as well as serialized.
+pub trait Tabular: Serialize {
+    fn header() -> Vec<&'static str>;
+    fn row(&self) -> Vec<String>;
+}
+
+pub fn render<T: Tabular>(items: &[T], format: Format) -> Result<String> {
+    Ok(match format {
+        Format::Json => {
+            serde_json::to_string_pretty(items).context("Failed to encode JSON")? + "\n"
+        }
+        Format::Yaml => serde_saphyr::to_string(&items).context("Failed to encode YAML")?,
+        Format::Table => {
+            let mut t = comfy_table::Table::new();
+            t.load_style(comfy_table::presets::NOTHING);
+            t.set_header(T::header());
+            for i in items {
+                t.add_row(i.row());
+            }
+            t.to_string() + "\n"
+        }
+    })
+}
+
+#[allow(clippy::print_stdout)]
+pub fn print(s: &str) {
+    print!("{s}");
+}
