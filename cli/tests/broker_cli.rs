@@ -1,0 +1,564 @@
+//! The `clusterlink` binary as an operator uses it: deploy, run, join, show, revoke, and the
+//! errors a person sees. Includes the crash test: a broker killed with SIGKILL in the middle
+//! of writes and restarted has every write it acknowledged.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use clusterlink_api::{Kind, proto};
+use clusterlink_broker::client::{Credentials, connect_with};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+
+fn clusterlink(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CLUSTERLINK_CREDENTIALS")
+        .output()
+        .expect("run clusterlink")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "clusterlink failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `cond` with a deadline; never a fixed sleep.
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A broker process; killed on drop.
+struct BrokerProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl BrokerProc {
+    fn start(dir: &Path, data: &str) -> Self {
+        let log = dir.join(format!(
+            "broker-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["broker", "run", "--data-dir", data])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let p = BrokerProc { child, log };
+        p.wait_serving();
+        p
+    }
+
+    fn wait_serving(&self) {
+        wait_for("the broker to serve", Duration::from_secs(20), || {
+            std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains("broker serving"))
+        });
+    }
+
+    fn sigkill(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn deploy(dir: &Path, extra: &[&str]) -> u16 {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["deploy-broker", "--data-dir", "broker", "--listen", &listen];
+    args.extend_from_slice(extra);
+    ok(&clusterlink(dir, &args));
+    port
+}
+
+#[test]
+fn deploy_join_show_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    deploy(dir, &[]);
+    // Private keys and tokens are for their owner's eyes only.
+    for f in [
+        "broker/admin.yaml",
+        "broker/broker-info.yaml",
+        "broker/pki/ca.key",
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(f)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "{f} must not be readable by others");
+    }
+    let again = fails(&clusterlink(
+        dir,
+        &["deploy-broker", "--data-dir", "broker"],
+    ));
+    assert!(again.contains("already holds a broker"), "{again}");
+    let _broker = BrokerProc::start(dir, "broker");
+    let out = ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+            "--label",
+            "region=eu",
+        ],
+    ));
+    assert!(out.contains("Cluster east joined"), "{out}");
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "west",
+            "--pod-cidr",
+            "10.2.0.0/16,10.3.0.0/16",
+            "--service-cidr",
+            "10.102.0.0/16",
+        ],
+    ));
+    let table = ok(&clusterlink(
+        dir,
+        &["show", "clusters", "--credentials", "clusterlink-east.yaml"],
+    ));
+    assert!(
+        table.contains("east") && table.contains("10.2.0.0/16,10.3.0.0/16"),
+        "{table}"
+    );
+    let json = ok(&clusterlink(
+        dir,
+        &[
+            "show",
+            "clusters",
+            "-o",
+            "json",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["labels"]["region"], "eu");
+    let yaml = ok(&clusterlink(
+        dir,
+        &[
+            "show",
+            "clusters",
+            "-o",
+            "yaml",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    assert!(yaml.contains("- id: west"), "{yaml}");
+
+    let dup = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.9.0.0/16",
+            "--service-cidr",
+            "10.109.0.0/16",
+        ],
+    ));
+    assert!(dup.contains("\"east\" has already joined"), "{dup}");
+    let overlap = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "south",
+            "--pod-cidr",
+            "10.1.5.0/24",
+            "--service-cidr",
+            "10.105.0.0/16",
+        ],
+    ));
+    assert!(
+        overlap.contains("overlaps 10.1.0.0/16 of cluster \"east\""),
+        "{overlap}"
+    );
+    let bad = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "south",
+            "--pod-cidr",
+            "10.5.0.1/16",
+            "--service-cidr",
+            "10.105.0.0/16",
+        ],
+    ));
+    assert!(bad.contains("did you mean 10.5.0.0/16"), "{bad}");
+
+    let denied = fails(&clusterlink(
+        dir,
+        &[
+            "broker",
+            "revoke",
+            "west",
+            "--credentials",
+            "clusterlink-east.yaml",
+        ],
+    ));
+    assert!(denied.contains("admin"), "{denied}");
+    ok(&clusterlink(
+        dir,
+        &[
+            "broker",
+            "revoke",
+            "west",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    let cut = fails(&clusterlink(
+        dir,
+        &["show", "clusters", "--credentials", "clusterlink-west.yaml"],
+    ));
+    assert!(cut.contains("no longer"), "{cut}");
+
+    // A fresh single-use token from the admin.
+    ok(&clusterlink(
+        dir,
+        &[
+            "broker",
+            "token",
+            "create",
+            "--single-use",
+            "-o",
+            "one.yaml",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "one.yaml",
+            "--cluster-id",
+            "north",
+            "--pod-cidr",
+            "10.4.0.0/16",
+            "--service-cidr",
+            "10.104.0.0/16",
+        ],
+    ));
+    let used = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "one.yaml",
+            "--cluster-id",
+            "south",
+            "--pod-cidr",
+            "10.6.0.0/16",
+            "--service-cidr",
+            "10.106.0.0/16",
+        ],
+    ));
+    assert!(used.contains("already used"), "{used}");
+}
+
+#[test]
+fn operator_errors_say_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port = deploy(dir, &["--token-ttl", "1h"]);
+    // No broker runs yet: unreachable.
+    let down = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    assert!(
+        down.contains(&format!("cannot reach the broker at 127.0.0.1:{port}")),
+        "{down}"
+    );
+    // Malformed broker-info.
+    std::fs::write(dir.join("junk.yaml"), "apiVersion: [").unwrap();
+    let junk = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "junk.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    assert!(
+        junk.contains("junk.yaml is not a valid BrokerInfo file"),
+        "{junk}"
+    );
+    let missing = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "nope.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    assert!(missing.contains("cannot read nope.yaml"), "{missing}");
+    // Expired broker-info: refused before any network traffic.
+    let info = std::fs::read_to_string(dir.join("broker/broker-info.yaml")).unwrap();
+    let expired: String = info
+        .lines()
+        .map(|l| {
+            if l.starts_with("tokenExpiresAt") {
+                "tokenExpiresAt: 2020-01-01T00:00:00Z".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join("old.yaml"), expired).unwrap();
+    let old = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "old.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    assert!(
+        old.contains("expired at 2020-01-01T00:00:00Z") && old.contains("fresh broker-info"),
+        "{old}"
+    );
+    // Bad arguments.
+    let id = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "East_1",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    assert!(id.contains("invalid cluster ID \"East_1\""), "{id}");
+    let store = fails(&clusterlink(
+        dir,
+        &["deploy-broker", "--data-dir", "b2", "--store", "mysql://x"],
+    ));
+    assert!(store.contains("use `embedded` or `etcd://"), "{store}");
+    let etcd_down = fails(&clusterlink(
+        dir,
+        &[
+            "deploy-broker",
+            "--data-dir",
+            "b3",
+            "--store",
+            &format!("etcd://127.0.0.1:{}", free_port()),
+        ],
+    ));
+    assert!(
+        etcd_down.contains("Failed to open the store"),
+        "{etcd_down}"
+    );
+    assert!(
+        !dir.join("b3/pki").exists(),
+        "a failed deploy leaves no CA behind"
+    );
+    let not_deployed = fails(&clusterlink(dir, &["broker", "run", "--data-dir", "b4"]));
+    assert!(not_deployed.contains("holds no broker"), "{not_deployed}");
+}
+
+#[test]
+fn sigkilled_broker_loses_no_acknowledged_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    deploy(dir, &[]);
+    let broker = BrokerProc::start(dir, "broker");
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    let creds = Credentials::read(&dir.join("clusterlink-east.yaml")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Eight writers publish as fast as they can; the broker is killed while they do.
+    let acked: Vec<String> = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let creds = creds.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = connect_with(&creds).await.unwrap();
+                let mut acked = Vec::new();
+                for i in 0..100_000 {
+                    let name = format!("s{w}-{i}");
+                    let r = c.publish(proto::PublishRequest {
+                        record: Some(proto::Record {
+                            kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
+                                cluster: "east".into(),
+                                namespace: "crash".into(),
+                                name: name.clone(),
+                                r#type: proto::ServiceType::ClusterSetIp as i32,
+                                ports: vec![],
+                                ips: vec![],
+                                endpoints: vec![],
+                                ready: true,
+                                exported_at_unix_ms: 0,
+                            })),
+                        }),
+                        lease_id: 0,
+                        expected_revision: 0,
+                        create_only: false,
+                    });
+                    match tokio::time::timeout(Duration::from_secs(5), r).await {
+                        Ok(Ok(_)) => acked.push(name),
+                        _ => break,
+                    }
+                }
+                acked
+            }));
+        }
+        let mut c = connect_with(&creds).await.unwrap();
+        // Kill once a good number of writes is acknowledged.
+        loop {
+            let n = c
+                .list(proto::ListRequest {
+                    kind: Kind::Services.to_proto() as i32,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .records
+                .len();
+            if n >= 300 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        broker.sigkill();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert!(
+        acked.len() >= 300,
+        "only {} writes acknowledged before the kill",
+        acked.len()
+    );
+    let _broker = BrokerProc::start(dir, "broker");
+    let stored: std::collections::BTreeSet<String> = rt.block_on(async {
+        let mut c = connect_with(&creds).await.unwrap();
+        c.list(proto::ListRequest {
+            kind: Kind::Services.to_proto() as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .into_iter()
+        .filter_map(|r| match r.kind {
+            Some(proto::record::Kind::Service(s)) => Some(s.name),
+            _ => None,
+        })
+        .collect()
+    });
+    let lost: Vec<&String> = acked.iter().filter(|n| !stored.contains(*n)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
