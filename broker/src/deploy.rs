@@ -88,7 +88,7 @@ impl std::fmt::Display for StoreSpec {
 #[derive(Clone)]
 pub enum AnyStore {
     Embedded(EmbeddedStore),
-    Etcd(EtcdStore),
+    Etcd(Box<EtcdStore>),
 }
 
 pub const ETCD_NAMESPACE: &str = "/clusterlink";
@@ -99,7 +99,9 @@ impl StoreSpec {
             StoreSpec::Embedded => {
                 AnyStore::Embedded(EmbeddedStore::open(data_dir, EmbeddedOptions::default())?)
             }
-            StoreSpec::Etcd(url) => AnyStore::Etcd(EtcdStore::connect(url, ETCD_NAMESPACE).await?),
+            StoreSpec::Etcd(url) => {
+                AnyStore::Etcd(Box::new(EtcdStore::connect(url, ETCD_NAMESPACE).await?))
+            }
         })
     }
 }

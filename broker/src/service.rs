@@ -258,10 +258,10 @@ impl<S: Store> BrokerService<S> {
         let Identity::Cluster { id, serial } = identity else {
             return Ok(None);
         };
-        if let Some(hit) = self.registry.get(id) {
-            if &hit.0 == serial {
-                return Ok(Some(hit));
-            }
+        if let Some(hit) = self.registry.get(id)
+            && &hit.0 == serial
+        {
+            return Ok(Some(hit));
         }
         let kv = self
             .store

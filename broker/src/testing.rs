@@ -91,10 +91,10 @@ impl EtcdServer {
         let endpoint = format!("127.0.0.1:{}", self.client_port);
         loop {
             // Ready means the HTTP health endpoint says so, not just that the port is open.
-            if let Ok(out) = health(&endpoint) {
-                if out.contains("\"health\":\"true\"") {
-                    return Ok(());
-                }
+            if let Ok(out) = health(&endpoint)
+                && out.contains("\"health\":\"true\"")
+            {
+                return Ok(());
             }
             let exited = matches!(self.child.try_wait(), Ok(Some(_)));
             if exited || Instant::now() >= deadline {

@@ -1,6 +1,8 @@
 //! The broker's gRPC API over real mTLS on loopback: joins, the refusals of the identity and
 //! authorization rules, watches, and several stateless brokers on one etcd.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 

@@ -1,6 +1,8 @@
 //! One contract, two backends: every test here runs against the embedded (redb) store and
 //! against a real etcd (Debian's etcd-server) started on loopback for that test.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;

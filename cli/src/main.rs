@@ -36,6 +36,7 @@ enum Command {
     Show(cmd::show::ShowCommand),
 }
 
+#[allow(clippy::print_stderr)] // the binary reports its error on stderr
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);

@@ -2,6 +2,8 @@
 //! errors a person sees. Includes the crash test: a broker killed with SIGKILL in the middle
 //! of writes and restarted has every write it acknowledged.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

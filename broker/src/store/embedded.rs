@@ -460,10 +460,10 @@ impl Writer {
         {
             let (k, v) = item.map_err(|e| err(e.into()))?;
             let kv = decode_kv(k.value(), v.value())?;
-            if kv.lease != 0 {
-                if let Some(l) = leases.get_mut(&kv.lease) {
-                    l.keys.insert(kv.key);
-                }
+            if kv.lease != 0
+                && let Some(l) = leases.get_mut(&kv.lease)
+            {
+                l.keys.insert(kv.key);
             }
         }
         drop(r);
@@ -651,10 +651,11 @@ impl Writer {
         published: &mut Vec<Event>,
     ) -> Result<TxnOutcome, StoreError> {
         for op in &txn.ops {
-            if let Op::Put { lease, .. } = op {
-                if *lease != 0 && !self.leases.contains_key(lease) {
-                    return Err(StoreError::LeaseNotFound(*lease));
-                }
+            if let Op::Put { lease, .. } = op
+                && *lease != 0
+                && !self.leases.contains_key(lease)
+            {
+                return Err(StoreError::LeaseNotFound(*lease));
             }
         }
         for c in &txn.compares {
@@ -699,10 +700,10 @@ impl Writer {
                     };
                     kv.insert(key.as_str(), entry.encode_to_vec().as_slice())
                         .map_err(|e| self.err(e))?;
-                    if *lease != 0 {
-                        if let Some(l) = self.leases.get_mut(lease) {
-                            l.keys.insert(key.clone());
-                        }
+                    if *lease != 0
+                        && let Some(l) = self.leases.get_mut(lease)
+                    {
+                        l.keys.insert(key.clone());
                     }
                     stored.push(StoredEvent {
                         key: key.clone(),
@@ -766,10 +767,10 @@ impl Writer {
     }
 
     fn detach(&mut self, lease: LeaseId, key: &str) {
-        if lease != 0 {
-            if let Some(l) = self.leases.get_mut(&lease) {
-                l.keys.remove(key);
-            }
+        if lease != 0
+            && let Some(l) = self.leases.get_mut(&lease)
+        {
+            l.keys.remove(key);
         }
     }
 

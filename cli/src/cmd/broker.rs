@@ -137,7 +137,7 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
         let (tls, admin) = dir.init(now, &config, &names)?;
         let (token, expires) = match &store {
             AnyStore::Embedded(s) => create_token(s, now, a.token_ttl.into(), a.single_use).await?,
-            AnyStore::Etcd(s) => create_token(s, now, a.token_ttl.into(), a.single_use).await?,
+            AnyStore::Etcd(s) => create_token(&**s, now, a.token_ttl.into(), a.single_use).await?,
         };
         let info_path = a
             .broker_info
@@ -211,7 +211,7 @@ async fn run_broker(a: RunArgs) -> Result<()> {
     let shutdown = shutdown_signal();
     match store {
         AnyStore::Embedded(s) => serve(s, tls, listener, clock, shutdown).await?,
-        AnyStore::Etcd(s) => serve(s, tls, listener, clock, shutdown).await?,
+        AnyStore::Etcd(s) => serve(*s, tls, listener, clock, shutdown).await?,
     }
     info!("broker stopped");
     Ok(())
