@@ -40,8 +40,17 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl EtcdServer {
-    /// Starts etcd and waits (up to 20 s) until it answers.
+    /// Starts etcd without fsync (tests: speed over durability) and waits until it answers.
     pub fn start() -> Result<Self, EtcdHarnessError> {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd with fsync on every commit, as in production (benchmarks).
+    pub fn start_durable() -> Result<Self, EtcdHarnessError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self, EtcdHarnessError> {
         let binary = std::env::var("CLUSTERLINK_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let dir = tempfile::Builder::new()
             .prefix("clusterlink-etcd-")
@@ -51,7 +60,11 @@ impl EtcdServer {
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(&binary)
+        let mut cmd = Command::new(&binary);
+        if !durable {
+            cmd.arg("--unsafe-no-fsync");
+        }
+        let child = cmd
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -59,7 +72,6 @@ impl EtcdServer {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=test={peer_url}"))
-            .arg("--unsafe-no-fsync")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

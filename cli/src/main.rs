@@ -34,12 +34,16 @@ enum Command {
     /// Show what the broker knows.
     #[command(subcommand)]
     Show(cmd::show::ShowCommand),
+    /// Measure clusterlink on this machine.
+    #[command(subcommand)]
+    Benchmark(cmd::benchmark::BenchmarkCommand),
 }
 
 #[allow(clippy::print_stderr)] // the binary reports its error on stderr
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +60,7 @@ fn main() -> std::process::ExitCode {
             Command::Broker(c) => cmd::broker::run(c).await,
             Command::Join(a) => cmd::join::run(a).await,
             Command::Show(c) => cmd::show::run(c).await,
+            Command::Benchmark(c) => cmd::benchmark::run(c).await,
         }
     });
     match result {
@@ -78,5 +83,15 @@ fn init_logging(filter: &str, json: bool) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// A broker holds a connection per cluster: lift the soft open-files limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
     }
 }
