@@ -564,3 +564,84 @@ fn sigkilled_broker_loses_no_acknowledged_write() {
         &lost[..lost.len().min(5)]
     );
 }
+
+#[test]
+fn two_broker_processes_on_one_etcd_serve_the_same_data() {
+    let etcd =
+        clusterlink_broker::testing::EtcdServer::start().expect("start etcd (Debian etcd-server)");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port_a = deploy(dir, &["--store", &etcd.url()]);
+    // The second broker: the same data directory (CA, config), another address.
+    let port_b = free_port();
+    let log = dir.join("broker-b.log");
+    let child = Command::new(BIN)
+        .args([
+            "broker",
+            "run",
+            "--data-dir",
+            "broker",
+            "--listen",
+            &format!("127.0.0.1:{port_b}"),
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let b = BrokerProc { child, log };
+    b.wait_serving();
+    let _a = BrokerProc::start(dir, "broker");
+    // Join through A (the address in broker-info), read through B.
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+        ],
+    ));
+    let creds = std::fs::read_to_string(dir.join("clusterlink-east.yaml")).unwrap();
+    std::fs::write(
+        dir.join("east-via-b.yaml"),
+        creds.replace(
+            &format!("127.0.0.1:{port_a}"),
+            &format!("127.0.0.1:{port_b}"),
+        ),
+    )
+    .unwrap();
+    let via_b = ok(&clusterlink(
+        dir,
+        &[
+            "show",
+            "clusters",
+            "-o",
+            "json",
+            "--credentials",
+            "east-via-b.yaml",
+        ],
+    ));
+    assert!(via_b.contains("\"east\""), "{via_b}");
+    // Revoked through A, refused by B.
+    ok(&clusterlink(
+        dir,
+        &[
+            "broker",
+            "revoke",
+            "east",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    let refused = fails(&clusterlink(
+        dir,
+        &["show", "clusters", "--credentials", "east-via-b.yaml"],
+    ));
+    assert!(refused.contains("no longer"), "{refused}");
+}
