@@ -1,0 +1,124 @@
+//! The one place that knows the WireGuard implementation (boringtun's `noise::Tunn`).
+//! Swapping it (for gotatun, say) changes this file only.
+//!
+//! boringtun keeps its own timers on the process clock; everything else in the gateway's core
+//! takes `now` from its caller.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+pub use boringtun::x25519::{PublicKey, StaticSecret};
+
+/// Largest datagram a session produces or takes.
+pub const MAX_DATAGRAM: usize = 65_535 + 32;
+
+/// What a call into a session produced; the bytes live in the caller's buffer.
+#[derive(Debug)]
+pub enum Output<'a> {
+    Nothing,
+    /// Send this to the peer. After a decapsulate, call [`Session::flush`] until `Nothing`.
+    Network(&'a [u8]),
+    /// Deliver this decrypted IP packet (from the given inner source address).
+    Tunnel(&'a [u8], IpAddr),
+    Error(String),
+}
+
+fn convert(r: TunnResult<'_>) -> Output<'_> {
+    match r {
+        TunnResult::Done => Output::Nothing,
+        TunnResult::Err(e) => Output::Error(format!("{e:?}")),
+        TunnResult::WriteToNetwork(b) => Output::Network(b),
+        TunnResult::WriteToTunnelV4(b, a) => Output::Tunnel(b, IpAddr::V4(a)),
+        TunnResult::WriteToTunnelV6(b, a) => Output::Tunnel(b, IpAddr::V6(a)),
+    }
+}
+
+/// A WireGuard session with one peer.
+pub struct Session {
+    tunn: Tunn,
+}
+
+impl Session {
+    /// `index` must be unique among this gateway's sessions (24 bits are used).
+    pub fn new(secret: &StaticSecret, peer: &[u8; 32], keepalive: Option<u16>, index: u32) -> Self {
+        Self {
+            tunn: Tunn::new(
+                secret.clone(),
+                PublicKey::from(*peer),
+                None,
+                keepalive,
+                index,
+                None,
+            ),
+        }
+    }
+
+    pub fn encapsulate<'a>(&mut self, packet: &[u8], buf: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.encapsulate(packet, buf))
+    }
+
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: IpAddr,
+        datagram: &[u8],
+        buf: &'a mut [u8],
+    ) -> Output<'a> {
+        convert(self.tunn.decapsulate(Some(from), datagram, buf))
+    }
+
+    /// Queued packets after a handshake completes.
+    pub fn flush<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.decapsulate(None, &[], buf))
+    }
+
+    /// Starts a handshake now (sessions are kept warm before any traffic needs them).
+    pub fn initiate<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.format_handshake_initiation(buf, false))
+    }
+
+    /// Drives handshakes, rekeys and keepalives; call every ~100 ms.
+    pub fn tick<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        convert(self.tunn.update_timers(buf))
+    }
+
+    /// Time since the last completed handshake, and data bytes sent and received.
+    pub fn stats(&self) -> (Option<Duration>, u64, u64) {
+        let (hs, tx, rx, _, _) = self.tunn.stats();
+        (hs, tx as u64, rx as u64)
+    }
+
+    pub fn is_expired(&self) -> bool {
+        self.tunn.is_expired()
+    }
+}
+
+/// The session index a datagram is addressed to (responses, cookies, data), if any.
+pub fn receiver_index(datagram: &[u8]) -> Option<u32> {
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeResponse(p) => Some(p.receiver_idx >> 8),
+        Packet::PacketCookieReply(p) => Some(p.receiver_idx >> 8),
+        Packet::PacketData(p) => Some(p.receiver_idx >> 8),
+        Packet::HandshakeInit(_) => None,
+    }
+}
+
+/// The static public key of whoever sent a handshake initiation to us.
+pub fn initiator_key(
+    secret: &StaticSecret,
+    public: &PublicKey,
+    datagram: &[u8],
+) -> Option<[u8; 32]> {
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(init) => parse_handshake_anon(secret, public, &init)
+            .ok()
+            .map(|h| h.peer_static_public),
+        _ => None,
+    }
+}
+
+/// True for a handshake initiation (message type 1).
+pub fn is_handshake_init(datagram: &[u8]) -> bool {
+    datagram.first() == Some(&1)
+}
