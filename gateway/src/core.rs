@@ -220,7 +220,7 @@ impl GatewayCore {
             .flat_map(|(k, p)| p.spec.cidrs.iter().map(move |c| (*c, k.clone())))
             .collect();
         self.routes
-            .sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()));
+            .sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
         // Warm every new session now rather than on first traffic.
         let mut buf = std::mem::take(&mut self.buf);
         for key in added {
@@ -361,13 +361,13 @@ impl GatewayCore {
             match kind {
                 1 => self.encapsulate_to(key, &probe_packet(2, seq)),
                 2 => {
-                    if let Some(p) = self.peers.get_mut(key) {
-                        if let Some(pos) = p.probes.iter().position(|(s, _)| *s == seq) {
-                            let (_, sent) = p.probes[pos];
-                            p.probes.drain(..=pos);
-                            p.rtt = Some(now.saturating_duration_since(sent));
-                            p.last_reply = Some(now);
-                        }
+                    if let Some(p) = self.peers.get_mut(key)
+                        && let Some(pos) = p.probes.iter().position(|(s, _)| *s == seq)
+                    {
+                        let (_, sent) = p.probes[pos];
+                        p.probes.drain(..=pos);
+                        p.rtt = Some(now.saturating_duration_since(sent));
+                        p.last_reply = Some(now);
                     }
                 }
                 _ => {}
