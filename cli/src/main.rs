@@ -29,6 +29,9 @@ enum Command {
     /// Run or administer a broker.
     #[command(subcommand)]
     Broker(cmd::broker::BrokerCommand),
+    /// Run this node's gateway.
+    #[command(subcommand)]
+    Gateway(cmd::gateway::GatewayCommand),
     /// Join this cluster to a broker with a broker-info file.
     Join(cmd::join::JoinArgs),
     /// Show what the broker knows.
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
             Command::DeployBroker(a) => cmd::broker::deploy(a).await,
             Command::Broker(c) => cmd::broker::run(c).await,
             Command::Join(a) => cmd::join::run(a).await,
+            Command::Gateway(c) => cmd::gateway::run(c).await,
             Command::Show(c) => cmd::show::run(c).await,
             Command::Benchmark(c) => cmd::benchmark::run(c).await,
         }

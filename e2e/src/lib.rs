@@ -5,8 +5,10 @@
 //! ever created or changed in the host's own network namespace: veth pairs are made inside a
 //! namespace with their peer placed directly in another.
 
+pub mod lab;
 pub mod netns;
 pub mod topology;
 
+pub use lab::{Lab, LabState};
 pub use netns::{Netns, Testbed, TestbedError, wait_until};
 pub use topology::{ClusterNet, ClusterSpec, Topology};

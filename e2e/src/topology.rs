@@ -43,6 +43,9 @@ pub struct ClusterNet {
 
 pub struct Topology {
     pub wan: Netns,
+    /// A namespace of its own behind the wan, at [`Topology::BROKER_ADDR`], so that what the
+    /// broker sees of a NATed cluster is its public address.
+    pub broker: Netns,
     pub clusters: Vec<ClusterNet>,
 }
 
@@ -55,6 +58,8 @@ impl ClusterNet {
 }
 
 impl Topology {
+    pub const BROKER_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+
     /// Wan address on cluster `i`'s link.
     pub fn wan_addr(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(172, 31, i, 1)
@@ -63,6 +68,17 @@ impl Topology {
     pub fn build(bed: &Testbed, specs: &[ClusterSpec]) -> Result<Self, TestbedError> {
         let wan = bed.namespace("wan")?;
         wan.sysctl("net.ipv4.ip_forward", "1")?;
+        let broker = bed.namespace("broker")?;
+        bed.veth(&wan, "brk", &broker, "eth0")?;
+        wan.ip(&["addr", "add", "172.31.0.1/24", "dev", "brk"])?;
+        broker.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::BROKER_ADDR),
+            "dev",
+            "eth0",
+        ])?;
+        broker.ip(&["route", "add", "default", "via", "172.31.0.1"])?;
         let mut clusters = Vec::new();
         let mut nat_rules = String::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -127,7 +143,11 @@ impl Topology {
             );
             nft(&wan, &script)?;
         }
-        Ok(Topology { wan, clusters })
+        Ok(Topology {
+            wan,
+            broker,
+            clusters,
+        })
     }
 }
 

@@ -2,6 +2,12 @@
 //!
 //! - [`wg`]: the WireGuard implementation, behind one small interface.
 //! - [`core`]: peers, routing, endpoints and health probes, without I/O.
+//! - [`view`]: the broker's records turned into peers.
+//! - [`shell`]: `run(config, shutdown)`: TUN, UDP, broker.
 
 pub mod core;
+pub mod shell;
+pub mod view;
 pub mod wg;
+
+pub use shell::{GatewayConfig, run};

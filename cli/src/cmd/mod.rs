@@ -1,5 +1,6 @@
 pub mod benchmark;
 pub mod broker;
+pub mod gateway;
 pub mod join;
 pub mod show;
 

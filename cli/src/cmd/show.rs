@@ -15,6 +15,10 @@ use crate::output::{Format, Tabular, print, render};
 pub enum ShowCommand {
     /// The clusters joined to the broker.
     Clusters(ShowArgs),
+    /// Every cluster's gateway nodes and where they are reached.
+    Gateways(ShowArgs),
+    /// The tunnels between clusters: state, RTT, last handshake, bytes each way.
+    Connections(ShowArgs),
 }
 
 #[derive(Args)]
@@ -57,7 +61,141 @@ impl Tabular for ClusterView {
 pub async fn run(c: ShowCommand) -> Result<()> {
     match c {
         ShowCommand::Clusters(a) => clusters(a).await,
+        ShowCommand::Gateways(a) => gateways(a).await,
+        ShowCommand::Connections(a) => connections(a).await,
     }
+}
+
+async fn list(a: &ShowArgs, kind: Kind) -> Result<Vec<Record>> {
+    let creds = a.credentials.load()?;
+    let mut client = connect_with(&creds).await?;
+    let resp = call(
+        "list",
+        client.list(proto::ListRequest {
+            kind: kind.to_proto() as i32,
+        }),
+    )
+    .await?;
+    resp.records
+        .into_iter()
+        .map(|r| Record::try_from(r).context("The broker sent an invalid record"))
+        .collect()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayView {
+    pub cluster: String,
+    pub node: String,
+    pub role: String,
+    pub private_endpoint: String,
+    pub public_address: String,
+    pub public_key: String,
+}
+
+impl Tabular for GatewayView {
+    fn header() -> Vec<&'static str> {
+        vec!["CLUSTER", "NODE", "ROLE", "PRIVATE", "PUBLIC", "PUBLIC KEY"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.cluster.clone(),
+            self.node.clone(),
+            self.role.clone(),
+            self.private_endpoint.clone(),
+            self.public_address.clone(),
+            self.public_key.clone(),
+        ]
+    }
+}
+
+async fn gateways(a: ShowArgs) -> Result<()> {
+    use base64::Engine;
+    let views: Vec<GatewayView> = list(&a, Kind::Gateways)
+        .await?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Gateway(g) => Some(GatewayView {
+                cluster: g.cluster.to_string(),
+                node: g.node.to_string(),
+                role: format!("{:?}", g.role).to_lowercase(),
+                private_endpoint: g.private_endpoint().to_string(),
+                public_address: g.public_addr.map(|p| p.to_string()).unwrap_or_default(),
+                public_key: base64::engine::general_purpose::STANDARD.encode(g.public_key),
+            }),
+            _ => None,
+        })
+        .collect();
+    print(&render(&views, a.output)?);
+    Ok(())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionView {
+    pub from: String,
+    pub to: String,
+    pub node: String,
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub last_handshake: String,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+impl Tabular for ConnectionView {
+    fn header() -> Vec<&'static str> {
+        vec![
+            "FROM",
+            "TO",
+            "NODE",
+            "STATE",
+            "RTT",
+            "LAST HANDSHAKE",
+            "TX",
+            "RX",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.from.clone(),
+            self.to.clone(),
+            self.node.clone(),
+            self.state.clone(),
+            self.rtt_ms
+                .map(|r| format!("{r:.2}ms"))
+                .unwrap_or_else(|| "-".into()),
+            self.last_handshake.clone(),
+            self.tx_bytes.to_string(),
+            self.rx_bytes.to_string(),
+        ]
+    }
+}
+
+async fn connections(a: ShowArgs) -> Result<()> {
+    let views: Vec<ConnectionView> = list(&a, Kind::Connections)
+        .await?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Connection(c) => Some(ConnectionView {
+                from: c.from_cluster.to_string(),
+                to: c.to_cluster.to_string(),
+                node: c.to_node.to_string(),
+                state: format!("{:?}", c.state).to_lowercase(),
+                rtt_ms: (c.rtt_micros > 0).then(|| c.rtt_micros as f64 / 1000.0),
+                last_handshake: if c.last_handshake_unix_ms > 0 {
+                    rfc3339_from_unix_ms(c.last_handshake_unix_ms)
+                } else {
+                    "never".into()
+                },
+                tx_bytes: c.tx_bytes,
+                rx_bytes: c.rx_bytes,
+            }),
+            _ => None,
+        })
+        .collect();
+    print(&render(&views, a.output)?);
+    Ok(())
 }
 
 async fn clusters(a: ShowArgs) -> Result<()> {

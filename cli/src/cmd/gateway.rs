@@ -1,0 +1,67 @@
+//! `clusterlink gateway run`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use clusterlink_api::NodeName;
+use clusterlink_gateway::{GatewayConfig, run as run_gateway};
+
+use super::CredentialsArg;
+use super::broker::shutdown_signal;
+
+#[derive(Subcommand)]
+pub enum GatewayCommand {
+    /// Run this node's gateway until SIGINT or SIGTERM.
+    Run(GatewayRunArgs),
+}
+
+#[derive(Args)]
+pub struct GatewayRunArgs {
+    #[command(flatten)]
+    pub credentials: CredentialsArg,
+    /// This node's name.
+    #[arg(long, env = "CLUSTERLINK_NODE")]
+    pub node: NodeName,
+    /// The node's underlay address, offered to the other gateways.
+    #[arg(long)]
+    pub private_addr: IpAddr,
+    /// This gateway's address on the tunnel device (inside its cluster's pod CIDR).
+    #[arg(long)]
+    pub tunnel_ip: Ipv4Addr,
+    #[arg(long, default_value_t = 51820)]
+    pub listen_port: u16,
+    /// The WireGuard private key (made, mode 0600, if missing).
+    #[arg(long, default_value = "/var/lib/clusterlink/gateway.key")]
+    pub key_file: PathBuf,
+    #[arg(long, default_value = "clusterlink0")]
+    pub tun_name: String,
+    /// Tunnel MTU: the underlay's MTU less WireGuard's 80 bytes (IPv6 underlay).
+    #[arg(long, default_value_t = 1420)]
+    pub mtu: u16,
+    /// Do not route remote CIDRs into the tunnel device (leave it to the route agent).
+    #[arg(long)]
+    pub no_routes: bool,
+}
+
+pub async fn run(c: GatewayCommand) -> Result<()> {
+    match c {
+        GatewayCommand::Run(a) => {
+            let config = GatewayConfig {
+                credentials: a.credentials.load()?,
+                node: a.node,
+                listen_port: a.listen_port,
+                private_addr: a.private_addr,
+                key_file: a.key_file,
+                tun_name: a.tun_name,
+                tunnel_ip: a.tunnel_ip,
+                mtu: a.mtu,
+                program_routes: !a.no_routes,
+            };
+            run_gateway(config, shutdown_signal())
+                .await
+                .context("Gateway failed")
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! `clusterlink gateway run`: the I/O around [`crate::core::GatewayCore`].
+//!
+//! Three tasks: the data plane (owns the core; TUN device, UDP socket, timers), the broker
+//! follower (list+watch of clusters and gateways, turned into peers), and the publisher
+//! (this gateway's endpoint under a lease, and its tunnels' status). The data plane never
+//! waits on the broker: through a broker outage it keeps the last peers it had.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use clusterlink_api::{
+    Cluster, ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, Kind, NodeName, Record,
+    RecordKey, proto,
+};
+use clusterlink_broker::client::{ClientError, Credentials, connect_with};
+use ipnet::IpNet;
+use thiserror::Error;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::core::{GatewayCore, PeerSpec, PeerStatus};
+use crate::view::peer_specs;
+use crate::wg::{MAX_DATAGRAM, StaticSecret};
+
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error("key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("cannot create TUN device {name}: {source} (needs CAP_NET_ADMIN and /dev/net/tun)")]
+    Tun {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind UDP port {port}: {source}")]
+    Udp {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("broker: {0}")]
+    Broker(#[from] ClientError),
+    #[error(
+        "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
+    )]
+    NotACluster(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub credentials: Credentials,
+    pub node: NodeName,
+    pub listen_port: u16,
+    /// The node's underlay address, offered to peers.
+    pub private_addr: IpAddr,
+    pub key_file: PathBuf,
+    pub tun_name: String,
+    /// This gateway's address on the TUN device (inside its cluster's pod CIDR).
+    pub tunnel_ip: Ipv4Addr,
+    pub mtu: u16,
+    /// Install routes for remote CIDRs into the TUN device (until the route agent does).
+    pub program_routes: bool,
+}
+
+/// Loads the WireGuard key, or makes one (mode 0600). The private key never leaves the node.
+pub fn load_or_create_key(path: &Path) -> Result<StaticSecret, GatewayError> {
+    let kerr = |reason: String| GatewayError::Key {
+        path: path.to_owned(),
+        reason,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = b64
+                .decode(text.trim())
+                .map_err(|e| kerr(format!("not base64: {e}")))?;
+            let arr: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| kerr("not a 32-byte key".into()))?;
+            Ok(StaticSecret::from(arr))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+            let secret = StaticSecret::from(bytes);
+            clusterlink_broker::client::write_file(path, &b64.encode(bytes), 0o600)
+                .map_err(|e| kerr(e.to_string()))?;
+            Ok(secret)
+        }
+        Err(e) => Err(kerr(e.to_string())),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn run(
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), GatewayError> {
+    let cluster: ClusterId = config
+        .credentials
+        .identity
+        .parse()
+        .map_err(|_| GatewayError::NotACluster(config.credentials.identity.clone()))?;
+    let secret = load_or_create_key(&config.key_file)?;
+    let mut core = GatewayCore::new(secret);
+    let public_key = core.public_key();
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&config.tun_name)
+        .ipv4(config.tunnel_ip, 32u8, None)
+        .mtu(config.mtu)
+        .build_async()
+        .map_err(|source| GatewayError::Tun {
+            name: config.tun_name.clone(),
+            source,
+        })?;
+    let udp = UdpSocket::bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        config.listen_port,
+    ))
+    .await
+    .map_err(|source| GatewayError::Udp {
+        port: config.listen_port,
+        source,
+    })?;
+    info!(%cluster, node = %config.node, port = config.listen_port, tun = %config.tun_name, "gateway up");
+
+    let (peers_tx, mut peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
+    let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
+    let follower = tokio::spawn(follow_broker(
+        config.credentials.clone(),
+        cluster.clone(),
+        peers_tx,
+    ));
+    let endpoint = GatewayEndpoint {
+        cluster: cluster.clone(),
+        node: config.node.clone(),
+        public_key,
+        private_addr: config.private_addr,
+        public_addr: None,
+        port: config.listen_port,
+        role: GatewayRole::Active,
+        generation: unix_ms(SystemTime::now()) as u64,
+    };
+    let publisher = tokio::spawn(publish(config.credentials.clone(), endpoint, status_rx));
+
+    let mut routes = Routes::new(&config.tun_name, config.program_routes);
+    let mut tun_buf = vec![0u8; MAX_DATAGRAM];
+    let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+    let mut status_at = Instant::now();
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = tun.recv(&mut tun_buf) => match r {
+                Ok(n) => core.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                Err(e) => debug!(error = %e, "TUN read failed"),
+            },
+            r = udp.recv_from(&mut udp_buf) => match r {
+                Ok((n, from)) => core.handle_datagram(from, &udp_buf[..n], Instant::now()),
+                Err(e) => debug!(error = %e, "UDP receive failed"),
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => core.handle_timeout(Instant::now()),
+            changed = peers_rx.changed() => {
+                if changed.is_err() { break; }
+                let specs = peers_rx.borrow_and_update().clone();
+                if let Some(specs) = specs {
+                    let wanted: BTreeSet<IpNet> = specs.iter().filter(|s| s.active).flat_map(|s| s.cidrs.iter().copied()).collect();
+                    core.set_peers(specs, Instant::now());
+                    routes.sync(wanted).await;
+                }
+            }
+        }
+        while let Some(t) = core.poll_transmit() {
+            if let Err(e) = udp.send_to(&t.payload, t.dst).await {
+                debug!(error = %e, dst = %t.dst, "UDP send failed");
+            }
+        }
+        while let Some(p) = core.poll_tun() {
+            if let Err(e) = tun.send(&p).await {
+                debug!(error = %e, "TUN write failed");
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(status_at) >= Duration::from_millis(500) {
+            status_at = now;
+            let _ = status_tx.send(core.status(now));
+        }
+    }
+    info!("gateway stopping");
+    follower.abort();
+    publisher.abort();
+    routes.sync(BTreeSet::new()).await;
+    Ok(())
+}
+
+/// Routes to remote CIDRs through the TUN device, tagged with our own protocol number so
+/// that only ours are ever replaced or removed.
+struct Routes {
+    dev: String,
+    enabled: bool,
+    installed: BTreeSet<IpNet>,
+}
+
+/// Route protocol number of routes clusterlink installs.
+pub const ROUTE_PROTOCOL: &str = "211";
+
+impl Routes {
+    fn new(dev: &str, enabled: bool) -> Self {
+        Self {
+            dev: dev.to_owned(),
+            enabled,
+            installed: BTreeSet::new(),
+        }
+    }
+
+    async fn sync(&mut self, wanted: BTreeSet<IpNet>) {
+        if !self.enabled {
+            return;
+        }
+        for net in self
+            .installed
+            .difference(&wanted)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if ip_route(&[
+                "del",
+                &net.to_string(),
+                "dev",
+                &self.dev,
+                "proto",
+                ROUTE_PROTOCOL,
+            ])
+            .await
+            {
+                self.installed.remove(&net);
+            }
+        }
+        for net in wanted
+            .difference(&self.installed)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            if ip_route(&[
+                "replace",
+                &net.to_string(),
+                "dev",
+                &self.dev,
+                "proto",
+                ROUTE_PROTOCOL,
+            ])
+            .await
+            {
+                self.installed.insert(net);
+            }
+        }
+    }
+}
+
+async fn ip_route(args: &[&str]) -> bool {
+    match tokio::process::Command::new("ip")
+        .arg("route")
+        .args(args)
+        .output()
+        .await
+    {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            warn!(?args, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "ip route failed");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot run ip");
+            false
+        }
+    }
+}
+
+/// What one list+watch delivers.
+enum Update {
+    Reset(Vec<Record>),
+    Put(Record),
+    Delete(RecordKey),
+}
+
+/// Lists then watches `kind`, forever: relists when told to, reconnects after failures.
+async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result: Result<(), String> = async {
+            let mut client = connect_with(&creds).await.map_err(|e| e.to_string())?;
+            let list = client
+                .list(proto::ListRequest {
+                    kind: kind.to_proto() as i32,
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            let records = list
+                .records
+                .into_iter()
+                .filter_map(|r| Record::try_from(r).ok())
+                .collect();
+            tx.send((kind, Update::Reset(records)))
+                .await
+                .map_err(|_| "closed".to_owned())?;
+            let mut stream = client
+                .watch(proto::WatchRequest {
+                    kind: kind.to_proto() as i32,
+                    from_revision: list.revision,
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            backoff = Duration::from_millis(200);
+            while let Some(msg) = stream.message().await.map_err(|s| s.message().to_owned())? {
+                if msg.relist_required {
+                    return Ok(());
+                }
+                for ev in msg.events {
+                    let update = match (ev.r#type == proto::EventType::Put as i32, ev.record) {
+                        (true, Some(r)) => match Record::try_from(r) {
+                            Ok(r) => Update::Put(r),
+                            Err(_) => continue,
+                        },
+                        _ => match ev.key.parse() {
+                            Ok(k) => Update::Delete(k),
+                            Err(_) => continue,
+                        },
+                    };
+                    tx.send((kind, update))
+                        .await
+                        .map_err(|_| "closed".to_owned())?;
+                }
+            }
+            Err("watch ended".into())
+        }
+        .await;
+        if let Err(e) = result {
+            debug!(?kind, error = %e, "broker follow interrupted; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+async fn follow_broker(
+    creds: Credentials,
+    local: ClusterId,
+    out: watch::Sender<Option<Vec<PeerSpec>>>,
+) {
+    let (tx, mut rx) = mpsc::channel(256);
+    let _c = tokio::spawn(reflect(creds.clone(), Kind::Clusters, tx.clone()));
+    let _g = tokio::spawn(reflect(creds, Kind::Gateways, tx));
+    let mut clusters: BTreeMap<ClusterId, Cluster> = BTreeMap::new();
+    let mut gateways: BTreeMap<(ClusterId, NodeName), GatewayEndpoint> = BTreeMap::new();
+    while let Some((kind, update)) = rx.recv().await {
+        match (kind, update) {
+            (Kind::Clusters, Update::Reset(rs)) => {
+                clusters = rs
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Record::Cluster(c) => Some((c.cluster.id.clone(), c.cluster)),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            (Kind::Gateways, Update::Reset(rs)) => {
+                gateways = rs
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Record::Gateway(g) => Some(((g.cluster.clone(), g.node.clone()), g)),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            (_, Update::Put(Record::Cluster(c))) => {
+                clusters.insert(c.cluster.id.clone(), c.cluster);
+            }
+            (_, Update::Put(Record::Gateway(g))) => {
+                gateways.insert((g.cluster.clone(), g.node.clone()), g);
+            }
+            (_, Update::Delete(RecordKey::Cluster(id))) => {
+                clusters.remove(&id);
+            }
+            (_, Update::Delete(RecordKey::Gateway(c, n))) => {
+                gateways.remove(&(c, n));
+            }
+            _ => continue,
+        }
+        let _ = out.send(Some(peer_specs(&local, &clusters, &gateways)));
+    }
+}
+
+/// Keeps this gateway's endpoint published under a lease, and publishes tunnel status.
+async fn publish(
+    creds: Credentials,
+    endpoint: GatewayEndpoint,
+    mut status: watch::Receiver<Vec<PeerStatus>>,
+) {
+    let endpoint = Arc::new(endpoint);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result: Result<(), String> = async {
+            let mut client = connect_with(&creds).await.map_err(|e| e.to_string())?;
+            let lease = client
+                .grant_lease(proto::GrantLeaseRequest { ttl_seconds: 10 })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            let put = |record: Record| proto::PublishRequest {
+                record: Some(record.into()),
+                lease_id: lease.lease_id,
+                expected_revision: 0,
+                create_only: false,
+            };
+            client
+                .publish(put(Record::Gateway((*endpoint).clone())))
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            info!("gateway endpoint published");
+            backoff = Duration::from_millis(200);
+            let mut keepalive = tokio::time::interval(Duration::from_secs(u64::from(lease.ttl_seconds.max(3)) / 3));
+            loop {
+                tokio::select! {
+                    _ = keepalive.tick() => {
+                        client
+                            .keep_alive(proto::KeepAliveRequest { lease_id: lease.lease_id })
+                            .await
+                            .map_err(|s| s.message().to_owned())?;
+                    }
+                    changed = status.changed() => {
+                        if changed.is_err() { return Ok(()); }
+                        let now = SystemTime::now();
+                        let snapshot = status.borrow_and_update().clone();
+                        for s in snapshot {
+                            let record = Record::Connection(ConnectionStatus {
+                                from_cluster: endpoint.cluster.clone(),
+                                to_cluster: s.cluster,
+                                to_node: s.node,
+                                state: s.state,
+                                rtt_micros: s.rtt.map(|r| r.as_micros() as u64).unwrap_or(0),
+                                last_handshake_unix_ms: s.since_handshake.map(|d| unix_ms(now - d)).unwrap_or(0),
+                                tx_bytes: s.tx_bytes,
+                                rx_bytes: s.rx_bytes,
+                            });
+                            client.publish(put(record)).await.map_err(|s| s.message().to_owned())?;
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "broker unreachable; tunnels keep running, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
