@@ -163,3 +163,151 @@ fn existing_tunnels_survive_a_broker_outage() {
         assert!(String::from_utf8_lossy(&out.stdout).contains(" 0% packet loss"));
     }
 }
+
+/// Our gateway in cluster a, wireguard-go (Debian's, configured with `wg`) standing in for
+/// cluster b's gateway: handshake, then traffic both ways.
+#[test]
+fn interoperates_with_wireguard_go() {
+    let specs: Vec<ClusterSpec> = ["a", "b"]
+        .iter()
+        .map(|n| ClusterSpec {
+            name: n.to_string(),
+            gateways: 1,
+            nat: false,
+        })
+        .collect();
+    let lab = Lab::up(Path::new(BIN), &specs, &|_| {}).unwrap();
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    let a = &lab.state.clusters[0].gateways[0];
+    let b = &lab.state.clusters[1].gateways[0];
+    let b_ns = lab.gateway_ns(1, 0);
+    // Replace our gateway in b with wireguard-go.
+    lab.bed.kill(b.pid);
+    let iface = format!("wgi{}", std::process::id() % 100_000);
+    let dir = &lab.state.dir;
+    let key = b_ns.exec("wg", &["genkey"]).unwrap().stdout;
+    std::fs::write(dir.join("wg-go.key"), &key).unwrap();
+    let our_public = String::from_utf8(run_with_stdin(
+        "wg",
+        &["pubkey"],
+        &std::fs::read(&a.key_file).unwrap(),
+    ))
+    .unwrap();
+    let go_public = String::from_utf8(run_with_stdin("wg", &["pubkey"], &key)).unwrap();
+    lab.bed
+        .spawn(&b_ns, "wireguard-go", "wireguard-go", &["-f", &iface])
+        .unwrap();
+    wait_until("wireguard-go's interface", Duration::from_secs(10), || {
+        b_ns.ip(&["link", "show", &iface]).is_ok()
+    })
+    .unwrap();
+    b_ns.exec(
+        "wg",
+        &[
+            "set",
+            &iface,
+            "private-key",
+            &dir.join("wg-go.key").display().to_string(),
+            "listen-port",
+            "51820",
+            "peer",
+            our_public.trim(),
+            "allowed-ips",
+            &lab.state.clusters[0].pod_cidr,
+            "endpoint",
+            &format!("{}:51820", a.underlay),
+            "persistent-keepalive",
+            "5",
+        ],
+    )
+    .unwrap();
+    b_ns.ip(&["addr", "add", &format!("{}/32", b.tunnel_ip), "dev", &iface])
+        .unwrap();
+    b_ns.ip(&["link", "set", &iface, "up"]).unwrap();
+    b_ns.ip(&[
+        "route",
+        "replace",
+        &lab.state.clusters[0].pod_cidr,
+        "dev",
+        &iface,
+    ])
+    .unwrap();
+    // Tell the broker b's gateway now has wireguard-go's key.
+    let creds =
+        clusterlink_broker::client::Credentials::read(&lab.state.clusters[1].credentials).unwrap();
+    let public: [u8; 32] = base64_decode(go_public.trim());
+    let (node, underlay) = (b.node.clone(), b.underlay);
+    b_ns.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let mut c = clusterlink_broker::client::connect_with(&creds)
+                    .await
+                    .unwrap();
+                let record = clusterlink_api::Record::Gateway(clusterlink_api::GatewayEndpoint {
+                    cluster: "b".parse().unwrap(),
+                    node: node.parse().unwrap(),
+                    public_key: public,
+                    private_addr: underlay.into(),
+                    public_addr: None,
+                    port: 51820,
+                    role: clusterlink_api::GatewayRole::Active,
+                    generation: 99,
+                });
+                c.publish(clusterlink_api::proto::PublishRequest {
+                    record: Some(record.into()),
+                    lease_id: 0,
+                    expected_revision: 0,
+                    create_only: false,
+                })
+                .await
+                .unwrap();
+            })
+    })
+    .unwrap();
+    let a_ns = lab.gateway_ns(0, 0);
+    wait_until("a reaches wireguard-go", Duration::from_secs(20), || {
+        ping(&a_ns, &b.tunnel_ip.to_string())
+    })
+    .unwrap();
+    assert!(
+        ping(&b_ns, &a.tunnel_ip.to_string()),
+        "wireguard-go reaches our gateway"
+    );
+    let hs = b_ns
+        .exec("wg", &["show", &iface, "latest-handshakes"])
+        .unwrap();
+    let when: u64 = String::from_utf8_lossy(&hs.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        when > 0,
+        "wireguard-go completed a handshake with our gateway"
+    );
+}
+
+fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+fn base64_decode(s: &str) -> [u8; 32] {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap()
+        .try_into()
+        .unwrap()
+}

@@ -92,6 +92,33 @@ impl Netns {
         run(self.command(program).args(args))
     }
 
+    /// Runs `f` on a thread that has entered this namespace (a namespace belongs to a
+    /// thread, not a process), and returns its result.
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, TestbedError> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || -> Result<T, TestbedError> {
+            let file = std::fs::File::open(&path).map_err(|source| TestbedError::Spawn {
+                command: format!("open {path}"),
+                source,
+            })?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                TestbedError::Command {
+                    command: format!("setns {path}"),
+                    stderr: e.to_string(),
+                }
+            })?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| TestbedError::Command {
+            command: "thread in namespace".into(),
+            stderr: "panicked".into(),
+        })?
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), TestbedError> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])
