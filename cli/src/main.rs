@@ -37,6 +37,9 @@ enum Command {
     /// Show what the broker knows.
     #[command(subcommand)]
     Show(cmd::show::ShowCommand),
+    /// A multi-cluster lab from network namespaces on this host (root).
+    #[command(subcommand)]
+    Lab(cmd::lab::LabCommand),
     /// Measure clusterlink on this machine.
     #[command(subcommand)]
     Benchmark(cmd::benchmark::BenchmarkCommand),
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
             Command::Gateway(c) => cmd::gateway::run(c).await,
             Command::Show(c) => cmd::show::run(c).await,
             Command::Benchmark(c) => cmd::benchmark::run(c).await,
+            Command::Lab(c) => cmd::lab::run(c).await,
         }
     });
     match result {

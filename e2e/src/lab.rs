@@ -19,6 +19,8 @@ use crate::topology::{ClusterSpec, Topology};
 pub const BROKER_PORT: u16 = 7443;
 pub const WG_PORT: u16 = 51820;
 pub const TUN: &str = "cl0";
+/// Namespace prefix of `clusterlink lab` (one lab per host at a time).
+pub const LAB_PREFIX: &str = "cllab-";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -78,7 +80,17 @@ impl Lab {
         specs: &[ClusterSpec],
         progress: &dyn Fn(&str),
     ) -> Result<Self, TestbedError> {
-        let bed = Testbed::new()?;
+        Self::up_in(Testbed::new()?, bin, specs, progress)
+    }
+
+    /// Like [`Lab::up`], in a given testbed (`clusterlink lab` uses one with the
+    /// [`LAB_PREFIX`], which outlives the command).
+    pub fn up_in(
+        bed: Testbed,
+        bin: &Path,
+        specs: &[ClusterSpec],
+        progress: &dyn Fn(&str),
+    ) -> Result<Self, TestbedError> {
         progress("building namespaces");
         let topology = Topology::build(&bed, specs)?;
         let dir = bed.log_dir.clone();

@@ -1,3 +1,4 @@
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -156,7 +157,12 @@ impl Testbed {
     pub fn new() -> Result<Self, TestbedError> {
         sweep_stale();
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
+        Self::with_prefix(format!("{PREFIX}{}-{n}-", std::process::id()))
+    }
+
+    /// A testbed meant to outlive this process (`clusterlink lab`): its prefix is not one
+    /// that [`sweep_stale`] removes.
+    pub fn with_prefix(prefix: String) -> Result<Self, TestbedError> {
         let log_dir =
             std::env::temp_dir().join(format!("clusterlink-{}", prefix.trim_end_matches('-')));
         let _ = std::fs::create_dir_all(&log_dir);
@@ -221,6 +227,8 @@ impl Testbed {
         let child = ns
             .command(program)
             .args(args)
+            // Its own process group: a Ctrl-C meant for whoever started it does not reach it.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)

@@ -2,6 +2,7 @@ pub mod benchmark;
 pub mod broker;
 pub mod gateway;
 pub mod join;
+pub mod lab;
 pub mod show;
 
 use std::future::Future;

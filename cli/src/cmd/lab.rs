@@ -1,0 +1,370 @@
+//! `clusterlink lab up|status|exec|down`: a multi-cluster setup from network namespaces on
+//! this host (root). Nothing is changed in the host's own network namespace.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use clusterlink_e2e::lab::{LAB_PREFIX, LabState};
+use clusterlink_e2e::netns::{ip, sweep_stale};
+use clusterlink_e2e::{ClusterSpec, Lab, Netns, Testbed};
+use serde::Serialize;
+
+use crate::output::{Format, Tabular, print, render};
+
+const NAMES: [&str; 8] = [
+    "east", "west", "north", "south", "central", "edge", "core", "metro",
+];
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Build clusters, a broker and gateways; wait for every tunnel; verify reachability.
+    Up(UpArgs),
+    /// What the lab is made of, and its tunnels.
+    Status(StatusArgs),
+    /// Run a command on a lab node: `lab exec CLUSTER NODE -- CMD…` (NODE e.g. gw0), or
+    /// `lab exec broker -- CMD…`.
+    Exec(ExecArgs),
+    /// Stop every lab process and remove every lab namespace.
+    Down(DirArg),
+}
+
+#[derive(Args, Clone)]
+pub struct DirArg {
+    /// Where the running lab's state is kept.
+    #[arg(
+        long,
+        env = "CLUSTERLINK_LAB_DIR",
+        default_value = "/run/clusterlink-lab"
+    )]
+    pub lab_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=99))]
+    pub clusters: u8,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub gateways_per_cluster: u8,
+    /// Put this cluster behind NAT (repeatable).
+    #[arg(long)]
+    pub nat: Vec<String>,
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// A cluster name, or `broker`.
+    pub target: String,
+    /// A node of the cluster (gw0, or its full name).
+    pub node: Option<String>,
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+fn state_path(dir: &DirArg) -> PathBuf {
+    dir.lab_dir.join("state.json")
+}
+
+fn load(dir: &DirArg) -> Result<LabState> {
+    let path = state_path(dir);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "No lab is running (no {}); start one with `clusterlink lab up`",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a lab state file", path.display()))
+}
+
+#[allow(clippy::print_stderr)]
+fn progress(s: &str) {
+    eprintln!("lab: {s}");
+}
+
+pub async fn run(c: LabCommand) -> Result<()> {
+    match c {
+        LabCommand::Up(a) => tokio::task::spawn_blocking(move || up(a)).await?,
+        LabCommand::Status(a) => tokio::task::spawn_blocking(move || status(a)).await?,
+        LabCommand::Exec(a) => tokio::task::spawn_blocking(move || exec(a)).await?,
+        LabCommand::Down(a) => tokio::task::spawn_blocking(move || down(&a)).await?,
+    }
+}
+
+fn up(a: UpArgs) -> Result<()> {
+    if state_path(&a.dir).exists() {
+        bail!(
+            "A lab is already running (state in {}); remove it first with `clusterlink lab down`",
+            a.dir.lab_dir.display()
+        );
+    }
+    let names: Vec<String> = (0..a.clusters as usize)
+        .map(|i| {
+            NAMES
+                .get(i)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("c{}", i + 1))
+        })
+        .collect();
+    for n in &a.nat {
+        if !names.contains(n) {
+            bail!(
+                "--nat {n}: no such cluster; the clusters are {}",
+                names.join(", ")
+            );
+        }
+    }
+    let specs: Vec<ClusterSpec> = names
+        .iter()
+        .map(|n| ClusterSpec {
+            name: n.clone(),
+            gateways: a.gateways_per_cluster as usize,
+            nat: a.nat.contains(n),
+        })
+        .collect();
+    let bin = std::env::current_exe().context("Cannot find the clusterlink binary")?;
+    // On any failure below, dropping the lab removes everything it made.
+    let bed = Testbed::with_prefix(LAB_PREFIX.to_owned()).context("Failed to start the testbed")?;
+    let mut lab = Lab::up_in(bed, &bin, &specs, &progress)
+        .context("Failed to build the lab (it needs root, iproute2 and nftables)")?;
+    progress("waiting for every tunnel");
+    lab.wait_connected(Duration::from_secs(60))
+        .context("Not every tunnel came up; see the logs")?;
+    progress("checking reachability between every pair of clusters");
+    let matrix = reachability(&lab.state);
+    std::fs::create_dir_all(&a.dir.lab_dir)?;
+    std::fs::write(
+        state_path(&a.dir),
+        serde_json::to_string_pretty(&lab.state)?,
+    )?;
+    let failed = matrix.iter().filter(|r| !r.ok).count();
+    print(&describe(&lab.state));
+    print("\nReachability (gateway node to gateway node, through the tunnels):\n");
+    print(&render(&matrix, Format::Table)?);
+    print("\nTunnels:\n");
+    print(&connections_table(&lab.state)?);
+    if failed > 0 {
+        // Leave nothing half-working behind.
+        drop(lab);
+        let _ = std::fs::remove_file(state_path(&a.dir));
+        bail!(
+            "{failed} of {} pairs cannot reach each other; the lab was removed",
+            matrix.len()
+        );
+    }
+    lab.bed.release();
+    print(
+        "\nThe lab is up. `clusterlink lab status`, `clusterlink lab exec east gw0 -- ping 10.2.255.1`, `clusterlink lab down`.\n",
+    );
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Reach {
+    from: String,
+    to: String,
+    address: String,
+    ok: bool,
+}
+
+impl Tabular for Reach {
+    fn header() -> Vec<&'static str> {
+        vec!["FROM", "TO", "ADDRESS", "RESULT"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.from.clone(),
+            self.to.clone(),
+            self.address.clone(),
+            if self.ok { "ok".into() } else { "FAIL".into() },
+        ]
+    }
+}
+
+fn reachability(state: &LabState) -> Vec<Reach> {
+    let mut out = Vec::new();
+    for from in &state.clusters {
+        for to in state.clusters.iter().filter(|t| t.name != from.name) {
+            let src = &from.gateways[0];
+            let dst = to.gateways[0].tunnel_ip.to_string();
+            let ns = Netns {
+                name: src.namespace.clone(),
+            };
+            let ok = ns.exec("ping", &["-c1", "-W2", &dst]).is_ok();
+            out.push(Reach {
+                from: src.node.clone(),
+                to: to.gateways[0].node.clone(),
+                address: dst,
+                ok,
+            });
+        }
+    }
+    out
+}
+
+fn describe(state: &LabState) -> String {
+    let mut s = format!(
+        "Lab {} (logs and credentials in {})\n  broker   {} in namespace {}\n",
+        state.prefix.trim_end_matches('-'),
+        state.dir.display(),
+        state.broker_address,
+        state.broker_namespace
+    );
+    for c in &state.clusters {
+        s.push_str(&format!(
+            "  cluster {:<8} pods {} services {}{}\n",
+            c.name,
+            c.pod_cidr,
+            c.service_cidr,
+            if c.nat {
+                format!(" behind NAT ({})", c.public_address)
+            } else {
+                String::new()
+            }
+        ));
+        for g in &c.gateways {
+            s.push_str(&format!(
+                "    gateway {:<12} underlay {:<14} tunnel {:<12} namespace {}\n",
+                g.node, g.underlay, g.tunnel_ip, g.namespace
+            ));
+        }
+    }
+    s
+}
+
+fn connections_table(state: &LabState) -> Result<String> {
+    let out = Netns {
+        name: state.broker_namespace.clone(),
+    }
+    .exec(
+        &std::env::current_exe()?.display().to_string(),
+        &[
+            "show",
+            "connections",
+            "--credentials",
+            &state.admin_credentials.display().to_string(),
+        ],
+    )
+    .context("Cannot ask the broker for the tunnels")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(a: StatusArgs) -> Result<()> {
+    let state = load(&a.dir)?;
+    match a.output {
+        Format::Table => {
+            print(&describe(&state));
+            print("\nTunnels:\n");
+            print(&connections_table(&state)?);
+        }
+        Format::Json => print(&(serde_json::to_string_pretty(&state)? + "\n")),
+        Format::Yaml => print(&serde_saphyr::to_string(&state)?),
+    }
+    Ok(())
+}
+
+fn exec(a: ExecArgs) -> Result<()> {
+    let state = load(&a.dir)?;
+    let ns = if a.target == "broker" {
+        state.broker_namespace.clone()
+    } else {
+        let c = state
+            .clusters
+            .iter()
+            .find(|c| c.name == a.target)
+            .with_context(|| {
+                format!(
+                    "No cluster {:?} in the lab; the clusters are {}",
+                    a.target,
+                    state
+                        .clusters
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+        let node = a.node.clone().unwrap_or_else(|| "gw0".into());
+        c.gateways
+            .iter()
+            .find(|g| g.node == node || g.node == format!("{}-{node}", c.name))
+            .with_context(|| {
+                format!(
+                    "No node {node:?} in cluster {}; its nodes are {}",
+                    c.name,
+                    c.gateways
+                        .iter()
+                        .map(|g| g.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?
+            .namespace
+            .clone()
+    };
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .args(&a.command)
+        .status()
+        .context("Cannot run the command")?;
+    if !status.success() {
+        bail!("the command exited with {status}");
+    }
+    Ok(())
+}
+
+fn down(dir: &DirArg) -> Result<()> {
+    let path = state_path(dir);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        sweep_stale();
+        print("No lab is running.\n");
+        return Ok(());
+    };
+    let state: LabState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a lab state file", path.display()))?;
+    let pids: Vec<u32> = std::iter::once(state.broker_pid)
+        .chain(
+            state
+                .clusters
+                .iter()
+                .flat_map(|c| c.gateways.iter().map(|g| g.pid)),
+        )
+        .collect();
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // Every namespace with the lab's prefix, recorded or not.
+    let listed = ip(&["netns", "list"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&state.prefix))
+    {
+        ip(&["netns", "del", name]).with_context(|| format!("Cannot remove namespace {name}"))?;
+    }
+    let _ = std::fs::remove_dir_all(&state.dir);
+    std::fs::remove_file(&path)?;
+    print(&format!(
+        "Lab {} removed.\n",
+        state.prefix.trim_end_matches('-')
+    ));
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `clusterlink lab` as an operator runs it (needs root): up with its own verification,
+//! status, exec, down, and nothing left behind.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+
+fn lab(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("lab")
+        .args(args)
+        .env("CLUSTERLINK_LAB_DIR", dir)
+        .output()
+        .unwrap()
+}
+
+fn lab_namespaces() -> usize {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("cllab-"))
+        .count()
+}
+
+/// Removes the lab even if an assertion fails.
+struct Down<'a>(&'a std::path::Path);
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = lab(self.0, &["down"]);
+    }
+}
+
+#[test]
+fn lab_up_status_exec_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _down = Down(dir);
+    let up = lab(dir, &["up", "--clusters", "3", "--nat", "west"]);
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert_eq!(
+        stdout.matches(" ok ").count(),
+        6,
+        "a reachability row per ordered pair: {stdout}"
+    );
+    assert_eq!(stdout.matches(" connected ").count(), 6, "{stdout}");
+    let again = lab(dir, &["up", "--clusters", "2"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+    let status = lab(dir, &["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["clusters"].as_array().unwrap().len(), 3);
+    assert_eq!(v["clusters"][1]["nat"], true);
+    let exec = lab(
+        dir,
+        &[
+            "exec",
+            "east",
+            "gw0",
+            "--",
+            "ping",
+            "-c1",
+            "-W2",
+            "10.3.255.1",
+        ],
+    );
+    assert!(
+        exec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    let bad = lab(dir, &["exec", "nowhere", "--", "true"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("No cluster \"nowhere\""));
+    let down = lab(dir, &["down"]);
+    assert!(down.status.success());
+    assert_eq!(lab_namespaces(), 0, "lab down left namespaces behind");
+    assert!(!dir.join("state.json").exists());
+}
