@@ -28,6 +28,8 @@ use crate::output::{Format, Tabular, print, render};
 pub enum BenchmarkCommand {
     /// Broker watch fan-out: many clusters watching, many updates.
     Broker(BrokerBenchArgs),
+    /// Tunnel throughput and RTT: veth, clusterlink, wireguard-go, boringtun-cli (root).
+    Tunnel(super::bench_tunnel::TunnelBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -115,6 +117,9 @@ impl Tabular for BrokerBenchResult {
 pub async fn run(c: BenchmarkCommand) -> Result<()> {
     match c {
         BenchmarkCommand::Broker(a) => broker(a).await,
+        BenchmarkCommand::Tunnel(a) => {
+            tokio::task::spawn_blocking(move || super::bench_tunnel::run_tunnel_bench(a)).await?
+        }
     }
 }
 

@@ -1,0 +1,312 @@
+//! `clusterlink benchmark tunnel`: throughput (iperf3, one TCP stream) and RTT (ping) between
+//! two namespaces over one veth pair: bare, through clusterlink's gateway, through Debian's
+//! wireguard-go, and through boringtun-cli, in one run.
+//!
+//! ```text
+//!   bench-l 10.99.0.1 ──veth── 10.99.0.2 bench-r
+//!   tunnels:  clusterlink 10.1.255.1 ⇄ 10.2.255.1   (udp 51820; broker in bench-l)
+//!             wireguard-go 10.98.0.1 ⇄ 10.98.0.2    (udp 51821)
+//!             boringtun-cli 10.97.0.1 ⇄ 10.97.0.2   (udp 51822)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use clusterlink_e2e::netns::run;
+use clusterlink_e2e::{Netns, Testbed, wait_until};
+use serde::Serialize;
+
+use crate::output::{Format, Tabular, print, render};
+
+#[derive(Args)]
+pub struct TunnelBenchArgs {
+    /// Seconds of iperf3 per path.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u32,
+    /// boringtun-cli binary (`cargo install boringtun-cli`); skipped if absent.
+    #[arg(long, default_value = "/opt/boringtun-cli/bin/boringtun-cli")]
+    pub boringtun: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathResult {
+    pub path: String,
+    pub gbit_per_s: f64,
+    pub rtt_avg_ms: f64,
+    pub rtt_overhead_ms: f64,
+    pub vs_wireguard_go: Option<f64>,
+}
+
+impl Tabular for PathResult {
+    fn header() -> Vec<&'static str> {
+        vec![
+            "PATH",
+            "Gbit/s",
+            "RTT avg ms",
+            "RTT over veth ms",
+            "x wireguard-go",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.path.clone(),
+            format!("{:.2}", self.gbit_per_s),
+            format!("{:.3}", self.rtt_avg_ms),
+            format!("{:.3}", self.rtt_overhead_ms),
+            self.vs_wireguard_go
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        ]
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn progress(s: &str) {
+    eprintln!("benchmark: {s}");
+}
+
+/// One TCP stream for `seconds`; Gbit/s received.
+fn iperf(client: &Netns, server: &Netns, bed: &Testbed, addr: &str, seconds: u32) -> Result<f64> {
+    let pid = bed.spawn(
+        server,
+        &format!("iperf3-{addr}"),
+        "iperf3",
+        &["-s", "-1", "-B", addr],
+    )?;
+    wait_until("iperf3 to listen", Duration::from_secs(10), || {
+        server
+            .exec("ss", &["-Htln", "sport", "= :5201"])
+            .is_ok_and(|o| !o.stdout.is_empty())
+    })?;
+    let out = client.exec("iperf3", &["-c", addr, "-t", &seconds.to_string(), "-J"]);
+    bed.kill(pid);
+    let out = out?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .ok_or_else(|| anyhow!("iperf3 reported no throughput"))
+}
+
+/// Average RTT in ms over 200 pings, 10 ms apart.
+fn rtt(client: &Netns, addr: &str) -> Result<f64> {
+    let out = client.exec("ping", &["-q", "-c", "200", "-i", "0.01", "-W", "1", addr])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // rtt min/avg/max/mdev = a/b/c/d ms
+    text.lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("cannot read ping's RTT from: {text}"))
+}
+
+fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{program} failed");
+    }
+    Ok(out.stdout)
+}
+
+/// A kernel-interface WireGuard implementation driven by `wg` (wireguard-go, boringtun-cli).
+fn wg_pair(
+    bed: &Testbed,
+    l: &Netns,
+    r: &Netns,
+    start: &dyn Fn(&Netns, &str) -> Result<u32>,
+    tag: &str,
+    port: u16,
+    net: &str,
+) -> Result<()> {
+    let dir = &bed.log_dir;
+    let mut keys = Vec::new();
+    for side in ["l", "r"] {
+        let key = run(Command::new("wg").arg("genkey"))?.stdout;
+        let path = dir.join(format!("{tag}-{side}.key"));
+        std::fs::write(&path, &key)?;
+        let public = String::from_utf8(with_stdin("wg", &["pubkey"], &key)?)?;
+        keys.push((path, public.trim().to_owned()));
+    }
+    for (i, (ns, peer_ip)) in [(l, "10.99.0.2"), (r, "10.99.0.1")].into_iter().enumerate() {
+        let iface = format!("{tag}{i}");
+        start(ns, &iface)?;
+        wait_until("the WireGuard interface", Duration::from_secs(10), || {
+            ns.ip(&["link", "show", &iface]).is_ok()
+        })?;
+        let (key, _) = &keys[i];
+        let (_, peer_pub) = &keys[1 - i];
+        ns.exec(
+            "wg",
+            &[
+                "set",
+                &iface,
+                "private-key",
+                &key.display().to_string(),
+                "listen-port",
+                &port.to_string(),
+                "peer",
+                peer_pub,
+                "allowed-ips",
+                &format!("{net}.0/24"),
+                "endpoint",
+                &format!("{peer_ip}:{port}"),
+            ],
+        )?;
+        ns.ip(&["addr", "add", &format!("{net}.{}/24", i + 1), "dev", &iface])?;
+        ns.ip(&["link", "set", &iface, "mtu", "1420", "up"])?;
+    }
+    Ok(())
+}
+
+pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
+    let bed = Testbed::new().context("the benchmark needs root")?;
+    let l = bed.namespace("bench-l")?;
+    let r = bed.namespace("bench-r")?;
+    bed.veth(&l, "eth0", &r, "eth0")?;
+    l.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"])?;
+    r.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])?;
+    let mut results: Vec<PathResult> = Vec::new();
+    let mut measure = |name: &str, addr: &str| -> Result<()> {
+        progress(&format!("{name}: iperf3 {}s, then 200 pings", a.seconds));
+        let gbit = iperf(&l, &r, &bed, addr, a.seconds)?;
+        let ms = rtt(&l, addr)?;
+        results.push(PathResult {
+            path: name.into(),
+            gbit_per_s: gbit,
+            rtt_avg_ms: ms,
+            rtt_overhead_ms: 0.0,
+            vs_wireguard_go: None,
+        });
+        Ok(())
+    };
+    measure("veth (no tunnel)", "10.99.0.2")?;
+
+    // clusterlink: a broker in bench-l, both sides joined, a gateway on each.
+    let bin = std::env::current_exe()?.display().to_string();
+    let dir = bed.log_dir.clone();
+    run(Command::new(&bin)
+        .args(["deploy-broker", "--data-dir"])
+        .arg(dir.join("broker"))
+        .args(["--listen", "10.99.0.1:7443"]))?;
+    bed.spawn(
+        &l,
+        "broker",
+        &bin,
+        &[
+            "broker",
+            "run",
+            "--data-dir",
+            &dir.join("broker").display().to_string(),
+        ],
+    )?;
+    let blog = bed.log_path("broker");
+    wait_until("the broker", Duration::from_secs(20), || {
+        std::fs::read_to_string(&blog).is_ok_and(|s| s.contains("broker serving"))
+    })?;
+    let info = dir.join("broker/broker-info.yaml").display().to_string();
+    for (i, ns) in [&l, &r].into_iter().enumerate() {
+        let id = format!("c{}", i + 1);
+        let creds = dir.join(format!("{id}.yaml")).display().to_string();
+        ns.exec(
+            &bin,
+            &[
+                "join",
+                &info,
+                "--cluster-id",
+                &id,
+                "--pod-cidr",
+                &format!("10.{}.0.0/16", i + 1),
+                "--service-cidr",
+                &format!("10.{}.0.0/16", 101 + i),
+                "-o",
+                &creds,
+            ],
+        )?;
+        bed.spawn(
+            ns,
+            &format!("gw-{id}"),
+            &bin,
+            &[
+                "--log",
+                "warn",
+                "gateway",
+                "run",
+                "--credentials",
+                &creds,
+                "--node",
+                &format!("{id}-gw0"),
+                "--private-addr",
+                &format!("10.99.0.{}", i + 1),
+                "--tunnel-ip",
+                &format!("10.{}.255.1", i + 1),
+                "--key-file",
+                &dir.join(format!("{id}.key")).display().to_string(),
+                "--tun-name",
+                "cl0",
+            ],
+        )?;
+    }
+    wait_until("the clusterlink tunnel", Duration::from_secs(30), || {
+        l.exec("ping", &["-c1", "-W1", "10.2.255.1"]).is_ok()
+    })?;
+    measure("clusterlink gateway", "10.2.255.1")?;
+
+    let wg_go = |ns: &Netns, iface: &str| -> Result<u32> {
+        Ok(bed.spawn(ns, iface, "wireguard-go", &["-f", iface])?)
+    };
+    wg_pair(&bed, &l, &r, &wg_go, "wgb", 51821, "10.98.0")?;
+    wait_until("the wireguard-go tunnel", Duration::from_secs(20), || {
+        l.exec("ping", &["-c1", "-W1", "10.98.0.2"]).is_ok()
+    })?;
+    measure("wireguard-go", "10.98.0.2")?;
+
+    if a.boringtun.exists() {
+        let bt = a.boringtun.display().to_string();
+        let start = |ns: &Netns, iface: &str| -> Result<u32> {
+            Ok(bed.spawn(
+                ns,
+                iface,
+                &bt,
+                &["--foreground", "--disable-drop-privileges", iface],
+            )?)
+        };
+        wg_pair(&bed, &l, &r, &start, "btb", 51822, "10.97.0")?;
+        wait_until("the boringtun-cli tunnel", Duration::from_secs(20), || {
+            l.exec("ping", &["-c1", "-W1", "10.97.0.2"]).is_ok()
+        })?;
+        measure("boringtun-cli", "10.97.0.2")?;
+    } else {
+        progress(&format!(
+            "{} not found: boringtun-cli skipped (cargo install boringtun-cli --root /opt/boringtun-cli)",
+            a.boringtun.display()
+        ));
+    }
+    for sock in ["wgb0", "wgb1", "btb0", "btb1"] {
+        let _ = std::fs::remove_file(Path::new("/var/run/wireguard").join(format!("{sock}.sock")));
+    }
+    let veth_rtt = results[0].rtt_avg_ms;
+    let wg_go_gbit = results
+        .iter()
+        .find(|r| r.path == "wireguard-go")
+        .map(|r| r.gbit_per_s);
+    for r in &mut results {
+        r.rtt_overhead_ms = r.rtt_avg_ms - veth_rtt;
+        r.vs_wireguard_go = wg_go_gbit.filter(|g| *g > 0.0).map(|g| r.gbit_per_s / g);
+    }
+    print(&render(&results, a.output)?);
+    Ok(())
+}
