@@ -166,11 +166,30 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => core.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                Ok(n) => {
+                    let now = Instant::now();
+                    core.handle_tun_packet(&tun_buf[..n], now);
+                    // Take what else is ready in the same wake-up.
+                    for _ in 0..BATCH {
+                        match tun.try_recv(&mut tun_buf) {
+                            Ok(n) => core.handle_tun_packet(&tun_buf[..n], now),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(e) => debug!(error = %e, "TUN read failed"),
             },
             r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => core.handle_datagram(from, &udp_buf[..n], Instant::now()),
+                Ok((n, from)) => {
+                    let now = Instant::now();
+                    core.handle_datagram(from, &udp_buf[..n], now);
+                    for _ in 0..BATCH {
+                        match udp.try_recv_from(&mut udp_buf) {
+                            Ok((n, from)) => core.handle_datagram(from, &udp_buf[..n], now),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(e) => debug!(error = %e, "UDP receive failed"),
             },
             _ = tokio::time::sleep_until(deadline.into()) => core.handle_timeout(Instant::now()),
@@ -185,12 +204,23 @@ pub async fn run(
             }
         }
         while let Some(t) = core.poll_transmit() {
-            if let Err(e) = udp.send_to(&t.payload, t.dst).await {
+            // The non-blocking send first; wait for room only when the socket is full.
+            let sent = match udp.try_send_to(&t.payload, t.dst) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    udp.send_to(&t.payload, t.dst).await
+                }
+                other => other,
+            };
+            if let Err(e) = sent {
                 debug!(error = %e, dst = %t.dst, "UDP send failed");
             }
         }
         while let Some(p) = core.poll_tun() {
-            if let Err(e) = tun.send(&p).await {
+            let written = match tun.try_send(&p) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&p).await,
+                other => other,
+            };
+            if let Err(e) = written {
                 debug!(error = %e, "TUN write failed");
             }
         }
@@ -206,6 +236,9 @@ pub async fn run(
     routes.sync(BTreeSet::new()).await;
     Ok(())
 }
+
+/// Packets taken from one socket per wake-up, beyond the first.
+const BATCH: usize = 63;
 
 /// Routes to remote CIDRs through the TUN device, tagged with our own protocol number so
 /// that only ours are ever replaced or removed.
