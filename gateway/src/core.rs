@@ -432,6 +432,11 @@ impl GatewayCore {
         self.transmits.pop_front()
     }
 
+    /// Moves every pending transmit into `out`, in order (for batched sending).
+    pub fn drain_transmits(&mut self, out: &mut VecDeque<Transmit>) {
+        out.append(&mut self.transmits);
+    }
+
     pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
         self.to_tun.pop_front()
     }

@@ -7,6 +7,7 @@
 
 pub mod core;
 pub mod shell;
+pub mod udp;
 pub mod view;
 pub mod wg;
 

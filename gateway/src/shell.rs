@@ -133,6 +133,10 @@ pub async fn run(
         port: config.listen_port,
         source,
     })?;
+    let mut udp = crate::udp::BatchedUdp::new(udp).map_err(|source| GatewayError::Udp {
+        port: config.listen_port,
+        source,
+    })?;
     info!(%cluster, node = %config.node, port = config.listen_port, tun = %config.tun_name, "gateway up");
 
     let (peers_tx, mut peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
@@ -156,7 +160,7 @@ pub async fn run(
 
     let mut routes = Routes::new(&config.tun_name, config.program_routes);
     let mut tun_buf = vec![0u8; MAX_DATAGRAM];
-    let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+    let mut outgoing = std::collections::VecDeque::new();
     let mut status_at = Instant::now();
     tokio::pin!(shutdown);
     loop {
@@ -179,14 +183,17 @@ pub async fn run(
                 }
                 Err(e) => debug!(error = %e, "TUN read failed"),
             },
-            r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => {
+            r = udp.readable() => match r {
+                Ok(()) => {
                     let now = Instant::now();
-                    core.handle_datagram(from, &udp_buf[..n], now);
-                    for _ in 0..BATCH {
-                        match udp.try_recv_from(&mut udp_buf) {
-                            Ok((n, from)) => core.handle_datagram(from, &udp_buf[..n], now),
-                            Err(_) => break,
+                    for _ in 0..4 {
+                        match udp.try_recv(|from, d| core.handle_datagram(from, d, now)) {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                debug!(error = %e, "UDP receive failed");
+                                break;
+                            }
                         }
                     }
                 }
@@ -203,18 +210,8 @@ pub async fn run(
                 }
             }
         }
-        while let Some(t) = core.poll_transmit() {
-            // The non-blocking send first; wait for room only when the socket is full.
-            let sent = match udp.try_send_to(&t.payload, t.dst) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    udp.send_to(&t.payload, t.dst).await
-                }
-                other => other,
-            };
-            if let Err(e) = sent {
-                debug!(error = %e, dst = %t.dst, "UDP send failed");
-            }
-        }
+        core.drain_transmits(&mut outgoing);
+        udp.send_all(&mut outgoing).await;
         while let Some(p) = core.poll_tun() {
             let written = match tun.try_send(&p) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&p).await,
