@@ -93,6 +93,8 @@ pub struct GatewayCore {
     buf: Vec<u8>,
     next_tick: Option<Instant>,
     probe_seq: u64,
+    /// Bytes left free in front of each packet for the TUN device (its virtio header).
+    tun_headroom: usize,
     pub counters: Counters,
 }
 
@@ -145,8 +147,15 @@ impl GatewayCore {
             buf: vec![0; wg::MAX_DATAGRAM],
             next_tick: None,
             probe_seq: 0,
+            tun_headroom: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// Packets from [`poll_tun`](Self::poll_tun) start with this many zero bytes, so the
+    /// shell can write them to a TUN device with offloads without another copy.
+    pub fn set_tun_headroom(&mut self, bytes: usize) {
+        self.tun_headroom = bytes;
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -329,7 +338,10 @@ impl GatewayCore {
                     }
                 }
                 Output::Tunnel(b, src) => {
-                    delivered = Some((b.to_vec(), src));
+                    let mut packet = Vec::with_capacity(self.tun_headroom + b.len());
+                    packet.resize(self.tun_headroom, 0);
+                    packet.extend_from_slice(b);
+                    delivered = Some((packet, src));
                     ok = true;
                 }
                 Output::Nothing => ok = true,
@@ -357,7 +369,7 @@ impl GatewayCore {
     }
 
     fn deliver(&mut self, key: &PeerKey, packet: Vec<u8>, src: IpAddr, now: Instant) {
-        if let Some((kind, seq)) = parse_probe(&packet) {
+        if let Some((kind, seq)) = parse_probe(&packet[self.tun_headroom..]) {
             match kind {
                 1 => self.encapsulate_to(key, &probe_packet(2, seq)),
                 2 => {
@@ -437,6 +449,7 @@ impl GatewayCore {
         out.append(&mut self.transmits);
     }
 
+    /// The next decrypted packet for the TUN device, after the configured headroom.
     pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
         self.to_tun.pop_front()
     }

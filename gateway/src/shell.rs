@@ -114,11 +114,14 @@ pub async fn run(
         .map_err(|_| GatewayError::NotACluster(config.credentials.identity.clone()))?;
     let secret = load_or_create_key(&config.key_file)?;
     let mut core = GatewayCore::new(secret);
+    core.set_tun_headroom(TUN_HEADROOM);
     let public_key = core.public_key();
     let tun = tun_rs::DeviceBuilder::new()
         .name(&config.tun_name)
         .ipv4(config.tunnel_ip, 32u8, None)
         .mtu(config.mtu)
+        // IFF_VNET_HDR with TSO: the kernel hands over TCP super-packets, split here.
+        .offload(true)
         .build_async()
         .map_err(|source| GatewayError::Tun {
             name: config.tun_name.clone(),
@@ -159,7 +162,13 @@ pub async fn run(
     let publisher = tokio::spawn(publish(config.credentials.clone(), endpoint, status_rx));
 
     let mut routes = Routes::new(&config.tun_name, config.program_routes);
-    let mut tun_buf = vec![0u8; MAX_DATAGRAM];
+    let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
+    let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
+        .map(|_| vec![0u8; MAX_DATAGRAM])
+        .collect();
+    let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    let mut tun_out: Vec<Vec<u8>> = Vec::new();
+    let mut gro = tun_rs::GROTable::default();
     let mut outgoing = std::collections::VecDeque::new();
     let mut status_at = Instant::now();
     tokio::pin!(shutdown);
@@ -169,14 +178,20 @@ pub async fn run(
             .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
         tokio::select! {
             _ = &mut shutdown => break,
-            r = tun.recv(&mut tun_buf) => match r {
+            r = tun.recv_multiple(&mut tun_raw, &mut tun_segs, &mut tun_sizes, 0) => match r {
                 Ok(n) => {
                     let now = Instant::now();
-                    core.handle_tun_packet(&tun_buf[..n], now);
+                    for i in 0..n {
+                        core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
+                    }
                     // Take what else is ready in the same wake-up.
                     for _ in 0..BATCH {
-                        match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => core.handle_tun_packet(&tun_buf[..n], now),
+                        match tun.try_recv_multiple(&mut tun_raw, &mut tun_segs, &mut tun_sizes, 0) {
+                            Ok(n) => {
+                                for i in 0..n {
+                                    core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
+                                }
+                            }
                             Err(_) => break,
                         }
                     }
@@ -212,12 +227,17 @@ pub async fn run(
         }
         core.drain_transmits(&mut outgoing);
         udp.send_all(&mut outgoing).await;
+        // Decrypted packets go to the TUN device together, so TCP segments can be coalesced
+        // (GRO) into fewer writes; each needs room in front for the virtio header.
+        tun_out.clear();
         while let Some(p) = core.poll_tun() {
-            let written = match tun.try_send(&p) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&p).await,
-                other => other,
-            };
-            if let Err(e) = written {
+            tun_out.push(p);
+        }
+        if !tun_out.is_empty() {
+            if let Err(e) = tun
+                .send_multiple(&mut gro, &mut tun_out, TUN_HEADROOM)
+                .await
+            {
                 debug!(error = %e, "TUN write failed");
             }
         }
@@ -233,6 +253,9 @@ pub async fn run(
     routes.sync(BTreeSet::new()).await;
     Ok(())
 }
+
+/// Room in front of each packet written to the TUN device (its virtio-net header).
+const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Packets taken from one socket per wake-up, beyond the first.
 const BATCH: usize = 63;

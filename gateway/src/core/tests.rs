@@ -313,3 +313,26 @@ fn a_cluster_behind_nat_connects_through_its_public_address() {
     net.run(1, Duration::from_millis(10));
     assert_eq!(net.nodes["n"].tun, vec![p]);
 }
+
+#[test]
+fn packets_for_the_tun_device_come_with_the_requested_headroom() {
+    let (mut net, _, _) = pair();
+    net.core("b").set_tun_headroom(10);
+    let now = net.now;
+    let p = packet("10.1.0.5", "10.2.0.7", b"room");
+    net.core("a").handle_tun_packet(&p, now);
+    net.run(5, PROBE_INTERVAL);
+    let got = &net.nodes["b"].tun;
+    assert_eq!(
+        got.len(),
+        1,
+        "probes are still recognised behind the headroom: {got:?}"
+    );
+    assert_eq!(&got[0][..10], &[0u8; 10]);
+    assert_eq!(&got[0][10..], &p[..]);
+    let now = net.now;
+    assert_eq!(
+        net.core("b").status(now)[0].state,
+        ConnectionState::Connected
+    );
+}
