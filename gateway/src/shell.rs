@@ -233,13 +233,12 @@ pub async fn run(
         while let Some(p) = core.poll_tun() {
             tun_out.push(p);
         }
-        if !tun_out.is_empty() {
-            if let Err(e) = tun
+        if !tun_out.is_empty()
+            && let Err(e) = tun
                 .send_multiple(&mut gro, &mut tun_out, TUN_HEADROOM)
                 .await
-            {
-                debug!(error = %e, "TUN write failed");
-            }
+        {
+            debug!(error = %e, "TUN write failed");
         }
         let now = Instant::now();
         if now.duration_since(status_at) >= Duration::from_millis(500) {
