@@ -283,43 +283,31 @@ impl Routes {
         if !self.enabled {
             return;
         }
-        for net in self
-            .installed
-            .difference(&wanted)
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            if ip_route(&[
-                "del",
-                &net.to_string(),
-                "dev",
-                &self.dev,
-                "proto",
-                ROUTE_PROTOCOL,
-            ])
-            .await
-            {
+        let remove: Vec<IpNet> = self.installed.difference(&wanted).copied().collect();
+        for net in remove {
+            if self.route("del", net).await {
                 self.installed.remove(&net);
             }
         }
-        for net in wanted
-            .difference(&self.installed)
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            if ip_route(&[
-                "replace",
-                &net.to_string(),
-                "dev",
-                &self.dev,
-                "proto",
-                ROUTE_PROTOCOL,
-            ])
-            .await
-            {
+        let add: Vec<IpNet> = wanted.difference(&self.installed).copied().collect();
+        for net in add {
+            if self.route("replace", net).await {
                 self.installed.insert(net);
             }
         }
+    }
+
+    /// `ip route OP NET dev DEV proto ROUTE_PROTOCOL`; true on success.
+    async fn route(&self, op: &str, net: IpNet) -> bool {
+        ip_route(&[
+            op,
+            &net.to_string(),
+            "dev",
+            &self.dev,
+            "proto",
+            ROUTE_PROTOCOL,
+        ])
+        .await
     }
 }
 

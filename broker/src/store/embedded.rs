@@ -104,10 +104,7 @@ impl EmbeddedStore {
             source: Box::new(redb::Error::Io(e)),
         })?;
         let path = dir.join("store.redb");
-        let err = |e: redb::Error| StoreError::Embedded {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        };
+        let err = redb_err(&path);
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
         {
             let w = db.begin_write().map_err(|e| err(e.into()))?;
@@ -167,10 +164,7 @@ impl EmbeddedStore {
         prefix: &str,
         after: Revision,
     ) -> Result<(Vec<Event>, Revision, Revision), StoreError> {
-        let err = |e: redb::Error| StoreError::Embedded {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        };
+        let err = redb_err(&path);
         let r = db.begin_read().map_err(|e| err(e.into()))?;
         let meta = r.open_table(META).map_err(|e| err(e.into()))?;
         let current = meta_get(&meta, META_REVISION).map_err(err)?;
@@ -196,6 +190,14 @@ impl EmbeddedStore {
             );
         }
         Ok((out, current, compact))
+    }
+}
+
+/// Wraps a redb error with the store's path.
+fn redb_err(path: &Path) -> impl Fn(redb::Error) -> StoreError + Copy + '_ {
+    move |e| StoreError::Embedded {
+        path: path.display().to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -242,10 +244,7 @@ impl Store for EmbeddedStore {
         let key = key.to_owned();
         let path = self.inner.path.clone();
         self.blocking(move |db| {
-            let err = |e: redb::Error| StoreError::Embedded {
-                path: path.display().to_string(),
-                source: Box::new(e),
-            };
+            let err = redb_err(&path);
             let r = db.begin_read().map_err(|e| err(e.into()))?;
             let t = r.open_table(KV).map_err(|e| err(e.into()))?;
             let v = t.get(key.as_str()).map_err(|e| err(e.into()))?;
@@ -258,10 +257,7 @@ impl Store for EmbeddedStore {
         let prefix = prefix.to_owned();
         let path = self.inner.path.clone();
         self.blocking(move |db| {
-            let err = |e: redb::Error| StoreError::Embedded {
-                path: path.display().to_string(),
-                source: Box::new(e),
-            };
+            let err = redb_err(&path);
             let r = db.begin_read().map_err(|e| err(e.into()))?;
             let meta = r.open_table(META).map_err(|e| err(e.into()))?;
             let rev = meta_get(&meta, META_REVISION).map_err(err)?;
@@ -423,10 +419,7 @@ impl Writer {
         path: PathBuf,
         options: EmbeddedOptions,
     ) -> Result<Self, StoreError> {
-        let err = |e: redb::Error| StoreError::Embedded {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        };
+        let err = redb_err(&path);
         let r = db.begin_read().map_err(|e| err(e.into()))?;
         let meta = r.open_table(META).map_err(|e| err(e.into()))?;
         let revision = meta_get(&meta, META_REVISION).map_err(err)?;
