@@ -345,6 +345,11 @@ impl<S: Store> BrokerService<S> {
         let tkey = token_key(&req.token);
         for _ in 0..16 {
             let now = self.clock.now();
+            // The registry version first: a join that commits after this read changes it
+            // and fails our guard below; one that committed before is in the list read next.
+            // (Read the other way round, a join landing between the two reads would leave
+            // a stale list under a fresh version, and two overlapping joins could both pass.)
+            let version = self.store.get(REGISTRY_VERSION_KEY).await?;
             let token_kv = self.store.get(&tkey).await?;
             let token = token_kv
                 .as_ref()
@@ -352,7 +357,6 @@ impl<S: Store> BrokerService<S> {
             let (existing, _) = self.store.list(Kind::Clusters.prefix()).await?;
             let existing: Vec<ClusterRegistration> =
                 existing.iter().filter_map(decode_registration).collect();
-            let version = self.store.get(REGISTRY_VERSION_KEY).await?;
             core::decide_join(unix_ms(now), token.as_ref(), &cluster, &existing)?;
             let (cert_pem, serial) = self
                 .ca

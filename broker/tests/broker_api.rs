@@ -370,7 +370,7 @@ async fn joins_with_overlapping_cidrs_are_refused_naming_the_cluster() {
 async fn concurrent_overlapping_joins_admit_exactly_one() {
     let (b, store) = TestBroker::embedded().await;
     let t = b.token(false).await;
-    for round in 0..5u8 {
+    for round in 0..20u8 {
         let pods = format!("10.{}.0.0/16", 10 + round);
         let (a, bb) = (format!("a{round}"), format!("b{round}"));
         let (sa, sb) = (
@@ -384,7 +384,7 @@ async fn concurrent_overlapping_joins_admit_exactly_one() {
             "round {round}: exactly one of two overlapping joins wins"
         );
     }
-    assert_eq!(store.list("clusters/").await.unwrap().0.len(), 5);
+    assert_eq!(store.list("clusters/").await.unwrap().0.len(), 20);
 }
 
 #[tokio::test]

@@ -164,7 +164,7 @@ impl EmbeddedStore {
         prefix: &str,
         after: Revision,
     ) -> Result<(Vec<Event>, Revision, Revision), StoreError> {
-        let err = redb_err(&path);
+        let err = redb_err(path);
         let r = db.begin_read().map_err(|e| err(e.into()))?;
         let meta = r.open_table(META).map_err(|e| err(e.into()))?;
         let current = meta_get(&meta, META_REVISION).map_err(err)?;
