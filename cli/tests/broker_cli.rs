@@ -511,8 +511,13 @@ fn sigkilled_broker_loses_no_acknowledged_write() {
             }));
         }
         let mut c = connect_with(&creds).await.unwrap();
-        // Kill once a good number of writes is acknowledged.
+        // Kill once a good number of writes is acknowledged (polled, with a deadline).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "300 writes were not stored within 30 s"
+            );
             let n = c
                 .list(proto::ListRequest {
                     kind: Kind::Services.to_proto() as i32,
