@@ -11,7 +11,7 @@ use clusterlink_api::{Kind, Record};
 use clusterlink_broker::client::connect;
 use clusterlink_broker::pki::{Ca, CertAndKey, new_ca, new_client_key};
 use clusterlink_broker::server::{BrokerTls, serve};
-use clusterlink_broker::service::{Clock, create_token};
+use clusterlink_broker::service::Clock;
 use clusterlink_broker::store::embedded::EmbeddedOptions;
 use clusterlink_broker::store::{EmbeddedStore, EtcdStore, Store};
 use clusterlink_broker::testing::EtcdServer;
@@ -816,5 +816,4 @@ async fn several_stateless_brokers_serve_one_etcd() {
         Code::PermissionDenied
     );
     assert!(s1.get("services/east/demo/x").await.unwrap().is_none());
-    let _ = create_token::<EtcdStore>; // the same token code serves both backends
 }
