@@ -539,8 +539,43 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         self.authorize_read(&identity).await?;
         let req = request.into_inner();
         let kind = Kind::from_proto(req.kind).map_err(ServiceError::from)?;
+        let (hub_tx, mut hub_rx) = mpsc::channel(16);
+        self.hub.watch(kind, req.from_revision, hub_tx);
+        let Identity::Cluster { id, serial } = identity else {
+            return Ok(Response::new(ReceiverStream::new(hub_rx)));
+        };
+        // A cluster's watch lasts only as long as its registration: revoking it (or a
+        // re-join, which issues another certificate) ends the stream.
         let (tx, rx) = mpsc::channel(16);
-        self.hub.watch(kind, req.from_revision, tx);
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            let valid = || registry.get(&id).is_some_and(|(s, _)| s == serial);
+            let mut check = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                let item = tokio::select! {
+                    item = hub_rx.recv() => item,
+                    _ = check.tick() => {
+                        if valid() { continue } else { None }
+                    }
+                    _ = tx.closed() => return,
+                };
+                match item {
+                    Some(item) if valid() => {
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(_) | None if !valid() => {
+                        let denied = ServiceError::from(Denied::Revoked {
+                            cluster: id.clone(),
+                        });
+                        let _ = tx.send(Err(denied.into())).await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

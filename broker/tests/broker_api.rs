@@ -817,3 +817,47 @@ async fn several_stateless_brokers_serve_one_etcd() {
     );
     assert!(s1.get("services/east/demo/x").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn revoking_a_cluster_ends_its_open_watches() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west = b
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    let mut stream = east
+        .watch(proto::WatchRequest {
+            kind: Kind::Services.to_proto() as i32,
+            from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    west.publish(publish(service("west", "demo", "echo")))
+        .await
+        .unwrap();
+    watch_events(&mut stream, 1).await;
+    b.admin()
+        .await
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "east".into(),
+        })
+        .await
+        .unwrap();
+    // Idle or not, the stream ends with the refusal within a few seconds.
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the revoked watch must end");
+    let status = end.expect_err("a refusal, not more events");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("no longer"),
+        "{}",
+        status.message()
+    );
+}
