@@ -80,4 +80,16 @@ fn lab_up_status_exec_down() {
     assert!(down.status.success());
     assert_eq!(lab_namespaces(), 0, "lab down left namespaces behind");
     assert!(!dir.join("state.json").exists());
+    // A lab whose `up` died leaves namespaces and no state: `up` refuses, `down` removes them.
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", "cllab-orphan"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let refused = lab(dir, &["up", "--clusters", "2"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("earlier lab"));
+    assert!(lab(dir, &["down"]).status.success());
+    assert_eq!(lab_namespaces(), 0, "lab down left orphaned namespaces");
 }

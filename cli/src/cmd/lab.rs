@@ -104,11 +104,31 @@ pub async fn run(c: LabCommand) -> Result<()> {
     }
 }
 
+/// Namespaces with the lab's prefix that exist now.
+fn lab_namespaces() -> Vec<String> {
+    let listed = ip(&["netns", "list"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(LAB_PREFIX))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn up(a: UpArgs) -> Result<()> {
     if state_path(&a.dir).exists() {
         bail!(
             "A lab is already running (state in {}); remove it first with `clusterlink lab down`",
             a.dir.lab_dir.display()
+        );
+    }
+    let leftovers = lab_namespaces();
+    if !leftovers.is_empty() {
+        bail!(
+            "Namespaces of an earlier lab are still there ({}); remove them with `clusterlink lab down`",
+            leftovers.join(", ")
         );
     }
     if a.gateways_per_cluster > 1 {
@@ -336,7 +356,20 @@ fn down(dir: &DirArg) -> Result<()> {
     let path = state_path(dir);
     let Ok(text) = std::fs::read_to_string(&path) else {
         sweep_stale();
-        print("No lab is running.\n");
+        // No state, but maybe the namespaces of a lab whose `up` died midway.
+        let orphans = lab_namespaces();
+        for name in &orphans {
+            ip(&["netns", "del", name])
+                .with_context(|| format!("Cannot remove namespace {name}"))?;
+        }
+        if orphans.is_empty() {
+            print("No lab is running.\n");
+        } else {
+            print(&format!(
+                "Removed {} namespace(s) of an earlier lab.\n",
+                orphans.len()
+            ));
+        }
         return Ok(());
     };
     let state: LabState = serde_json::from_str(&text)
@@ -356,15 +389,8 @@ fn down(dir: &DirArg) -> Result<()> {
         );
     }
     // Every namespace with the lab's prefix, recorded or not.
-    let listed = ip(&["netns", "list"])
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    for name in listed
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&state.prefix))
-    {
-        ip(&["netns", "del", name]).with_context(|| format!("Cannot remove namespace {name}"))?;
+    for name in lab_namespaces() {
+        ip(&["netns", "del", &name]).with_context(|| format!("Cannot remove namespace {name}"))?;
     }
     let _ = std::fs::remove_dir_all(&state.dir);
     std::fs::remove_file(&path)?;
