@@ -178,8 +178,12 @@ pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ClientEr
     std::fs::rename(&tmp, path).map_err(werr)
 }
 
-fn to_yaml<T: Serialize>(v: &T) -> String {
-    serde_saphyr::to_string(v).unwrap_or_default()
+/// Serializes for writing to `path`; an error never leaves an empty file behind.
+pub fn to_yaml<T: Serialize>(path: &Path, v: &T) -> Result<String, ClientError> {
+    serde_saphyr::to_string(v).map_err(|e| ClientError::Write {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 impl BrokerInfo {
@@ -242,7 +246,7 @@ impl BrokerInfo {
 
     pub fn write(&self, path: &Path) -> Result<(), ClientError> {
         // Holds a token: readable by its owner only.
-        write_file(path, &to_yaml(self), 0o600)
+        write_file(path, &to_yaml(path, self)?, 0o600)
     }
 }
 
@@ -291,7 +295,7 @@ impl Credentials {
     }
 
     pub fn write(&self, path: &Path) -> Result<(), ClientError> {
-        write_file(path, &to_yaml(self), 0o600)
+        write_file(path, &to_yaml(path, self)?, 0o600)
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::client::{API_VERSION, ClientError, write_file};
+use crate::client::{API_VERSION, ClientError, to_yaml, write_file};
 use crate::pki::{Ca, CertAndKey, PkiError, new_ca};
 use crate::server::BrokerTls;
 use crate::store::embedded::EmbeddedOptions;
@@ -160,7 +160,7 @@ impl DataDir {
         write_file(&self.pki("server.crt"), &server.cert_pem, 0o644)?;
         write_file(
             &self.config_path(),
-            &serde_saphyr::to_string(config).unwrap_or_default(),
+            &to_yaml(&self.config_path(), config)?,
             0o644,
         )?;
         // Last: its presence marks the directory as deployed.
