@@ -154,6 +154,24 @@ fn check_header(
     Ok(())
 }
 
+/// What both file kinds carry: their header, the broker's address and its CA.
+fn check_common(
+    path: &Path,
+    kind: &'static str,
+    api_version: &str,
+    got_kind: &str,
+    address: &str,
+    ca: &str,
+) -> Result<(), ClientError> {
+    check_header(path, kind, api_version, got_kind)?;
+    check_address(address).map_err(|e| ClientError::Malformed {
+        path: path.to_owned(),
+        kind,
+        reason: e.to_string(),
+    })?;
+    check_pem(path, kind, "caCertificate", ca, "CERTIFICATE")
+}
+
 /// Writes `contents` to `path` with `mode`, atomically (temp file + rename).
 pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ClientError> {
     use std::io::Write;
@@ -207,18 +225,13 @@ impl BrokerInfo {
     pub fn read(path: &Path, now: SystemTime) -> Result<Self, ClientError> {
         const KIND: &str = "BrokerInfo";
         let info: BrokerInfo = read_yaml(path, KIND)?;
-        check_header(path, KIND, &info.api_version, &info.kind)?;
-        check_address(&info.address).map_err(|e| ClientError::Malformed {
-            path: path.to_owned(),
-            kind: KIND,
-            reason: e.to_string(),
-        })?;
-        check_pem(
+        check_common(
             path,
             KIND,
-            "caCertificate",
+            &info.api_version,
+            &info.kind,
+            &info.address,
             &info.ca_certificate,
-            "CERTIFICATE",
         )?;
         if !info.token.starts_with("clt1.") || info.token.len() != 5 + 64 {
             return Err(ClientError::Malformed {
@@ -266,18 +279,13 @@ impl Credentials {
     pub fn read(path: &Path) -> Result<Self, ClientError> {
         const KIND: &str = "Credentials";
         let c: Credentials = read_yaml(path, KIND)?;
-        check_header(path, KIND, &c.api_version, &c.kind)?;
-        check_address(&c.address).map_err(|e| ClientError::Malformed {
-            path: path.to_owned(),
-            kind: KIND,
-            reason: e.to_string(),
-        })?;
-        check_pem(
+        check_common(
             path,
             KIND,
-            "caCertificate",
+            &c.api_version,
+            &c.kind,
+            &c.address,
             &c.ca_certificate,
-            "CERTIFICATE",
         )?;
         check_pem(path, KIND, "certificate", &c.certificate, "CERTIFICATE")?;
         check_pem(path, KIND, "privateKey", &c.private_key, "PRIVATE KEY")?;

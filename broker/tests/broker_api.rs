@@ -657,6 +657,32 @@ async fn compare_and_swap_over_the_api() {
     east.publish(req).await.unwrap();
 }
 
+/// The store revision a list of `kind` is taken at.
+async fn revision(c: &mut BrokerClient<Channel>, kind: Kind) -> u64 {
+    c.list(proto::ListRequest {
+        kind: kind.to_proto() as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .revision
+}
+
+/// A watch of `kind` from revision `from`.
+async fn watch_from(
+    c: &mut BrokerClient<Channel>,
+    kind: Kind,
+    from: u64,
+) -> tonic::Streaming<proto::WatchResponse> {
+    c.watch(proto::WatchRequest {
+        kind: kind.to_proto() as i32,
+        from_revision: from,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Reads watch responses until `n` events arrived.
 async fn watch_events(
     stream: &mut tonic::Streaming<proto::WatchResponse>,
@@ -683,22 +709,8 @@ async fn watches_resume_from_a_revision_exactly_once() {
         .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
         .await
         .unwrap();
-    let start = east
-        .list(proto::ListRequest {
-            kind: Kind::Services.to_proto() as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
-    let mut stream = east
-        .watch(proto::WatchRequest {
-            kind: Kind::Services.to_proto() as i32,
-            from_revision: start,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let start = revision(&mut east, Kind::Services).await;
+    let mut stream = watch_from(&mut east, Kind::Services, start).await;
     let mut revs = Vec::new();
     for i in 0..5 {
         revs.push(
@@ -717,14 +729,7 @@ async fn watches_resume_from_a_revision_exactly_once() {
     assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), revs);
     drop(stream);
     // Reconnect after the third: exactly the fourth and fifth, then a live delete.
-    let mut stream = east
-        .watch(proto::WatchRequest {
-            kind: Kind::Services.to_proto() as i32,
-            from_revision: revs[2],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch_from(&mut east, Kind::Services, revs[2]).await;
     let del = east
         .withdraw(proto::WithdrawRequest {
             kind: Kind::Services.to_proto() as i32,
@@ -774,22 +779,8 @@ async fn several_stateless_brokers_serve_one_etcd() {
         Code::FailedPrecondition
     );
     // A watch on one broker sees a publish through the other.
-    let rev = west_a
-        .list(proto::ListRequest {
-            kind: Kind::Services.to_proto() as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
-    let mut stream = west_a
-        .watch(proto::WatchRequest {
-            kind: Kind::Services.to_proto() as i32,
-            from_revision: rev,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let rev = revision(&mut west_a, Kind::Services).await;
+    let mut stream = watch_from(&mut west_a, Kind::Services, rev).await;
     let published = east_b
         .publish(publish(service("east", "demo", "echo")))
         .await
@@ -830,14 +821,7 @@ async fn revoking_a_cluster_ends_its_open_watches() {
         .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
         .await
         .unwrap();
-    let mut stream = east
-        .watch(proto::WatchRequest {
-            kind: Kind::Services.to_proto() as i32,
-            from_revision: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch_from(&mut east, Kind::Services, 0).await;
     west.publish(publish(service("west", "demo", "echo")))
         .await
         .unwrap();
