@@ -167,21 +167,8 @@ pub async fn run(
         .map(|_| vec![0u8; MAX_DATAGRAM])
         .collect();
     let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    // Writes to the TUN device run in a task of their own, in order, so the next batch is
-    // decrypted while the last one is written.
-    let tun = std::sync::Arc::new(tun);
-    let (tun_tx, mut tun_rx) = mpsc::channel::<Vec<Vec<u8>>>(64);
-    let writer = {
-        let tun = tun.clone();
-        tokio::spawn(async move {
-            let mut gro = tun_rs::GROTable::default();
-            while let Some(mut batch) = tun_rx.recv().await {
-                if let Err(e) = tun.send_multiple(&mut gro, &mut batch, TUN_HEADROOM).await {
-                    debug!(error = %e, "TUN write failed");
-                }
-            }
-        })
-    };
+    let mut tun_out: Vec<Vec<u8>> = Vec::new();
+    let mut gro = tun_rs::GROTable::default();
     let mut outgoing = std::collections::VecDeque::new();
     let mut status_at = Instant::now();
     tokio::pin!(shutdown);
@@ -242,12 +229,16 @@ pub async fn run(
         udp.send_all(&mut outgoing).await;
         // Decrypted packets go to the TUN device together, so TCP segments can be coalesced
         // (GRO) into fewer writes; each needs room in front for the virtio header.
-        let mut batch = Vec::new();
+        tun_out.clear();
         while let Some(p) = core.poll_tun() {
-            batch.push(p);
+            tun_out.push(p);
         }
-        if !batch.is_empty() && tun_tx.send(batch).await.is_err() {
-            break;
+        if !tun_out.is_empty()
+            && let Err(e) = tun
+                .send_multiple(&mut gro, &mut tun_out, TUN_HEADROOM)
+                .await
+        {
+            debug!(error = %e, "TUN write failed");
         }
         let now = Instant::now();
         if now.duration_since(status_at) >= Duration::from_millis(500) {
@@ -258,7 +249,6 @@ pub async fn run(
     info!("gateway stopping");
     follower.abort();
     publisher.abort();
-    writer.abort();
     routes.sync(BTreeSet::new()).await;
     Ok(())
 }
