@@ -184,6 +184,8 @@ fn interoperates_with_wireguard_go() {
     // Replace our gateway in b with wireguard-go.
     lab.bed.kill(b.pid);
     let iface = format!("wgi{}", std::process::id() % 100_000);
+    // wireguard-go's control socket outlives its SIGKILL; remove it however the test ends.
+    let _socket = RemoveOnDrop(Path::new("/var/run/wireguard").join(format!("{iface}.sock")));
     let dir = &lab.state.dir;
     let key = b_ns.exec("wg", &["genkey"]).unwrap().stdout;
     std::fs::write(dir.join("wg-go.key"), &key).unwrap();
@@ -289,6 +291,15 @@ fn interoperates_with_wireguard_go() {
         when > 0,
         "wireguard-go completed a handshake with our gateway"
     );
+}
+
+/// Removes a file when dropped (also during a panic).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
