@@ -241,7 +241,7 @@ impl GatewayCore {
                     _ => None,
                 });
             if let Some(b) = init {
-                self.send(&key, &b);
+                self.send(&key, b);
             }
         }
         self.buf = buf;
@@ -256,29 +256,24 @@ impl GatewayCore {
             .map(|(_, k)| k)
     }
 
-    fn send(&mut self, key: &PeerKey, payload: &[u8]) {
+    /// Queues `payload` for the peer: moved, not copied, except for a handshake sent to
+    /// several candidate addresses.
+    fn send(&mut self, key: &PeerKey, payload: Vec<u8>) {
         let Some(p) = self.peers.get(key) else { return };
-        let handshake = wg::is_handshake_init(payload);
         match p.endpoint {
-            // Until the peer has answered, try every address it may be at.
-            None if handshake => {
+            Some(dst) => self.transmits.push_back(Transmit { dst, payload }),
+            // Until the peer has answered, handshakes try every address it may be at.
+            None if wg::is_handshake_init(&payload) => {
                 for dst in &p.spec.endpoints {
                     self.transmits.push_back(Transmit {
                         dst: *dst,
-                        payload: payload.to_vec(),
+                        payload: payload.clone(),
                     });
                 }
             }
-            Some(dst) => self.transmits.push_back(Transmit {
-                dst,
-                payload: payload.to_vec(),
-            }),
             None => {
                 if let Some(dst) = p.spec.endpoints.first() {
-                    self.transmits.push_back(Transmit {
-                        dst: *dst,
-                        payload: payload.to_vec(),
-                    });
+                    self.transmits.push_back(Transmit { dst: *dst, payload });
                 }
             }
         }
@@ -298,9 +293,10 @@ impl GatewayCore {
         let mut buf = std::mem::take(&mut self.buf);
         if let Some(p) = self.peers.get_mut(key) {
             match p.session.encapsulate(packet, &mut buf) {
+                // The one copy out of the reused scratch buffer.
                 Output::Network(b) => {
                     let b = b.to_vec();
-                    self.send(key, &b);
+                    self.send(key, b);
                 }
                 Output::Error(e) => {
                     self.counters.wireguard_errors += 1;
@@ -417,7 +413,7 @@ impl GatewayCore {
                 probe = p.session.stats().0.is_some();
             }
             for b in out {
-                self.send(key, &b);
+                self.send(key, b);
             }
             if probe {
                 self.probe_seq += 1;
