@@ -283,6 +283,19 @@ impl<S: Store> BrokerService<S> {
         }
     }
 
+    /// The caller's cluster, if the caller is a cluster with a valid registration (lease
+    /// calls are a cluster's own business, not the admin's).
+    async fn live_cluster<'a>(
+        &self,
+        identity: &'a Identity,
+    ) -> Result<&'a ClusterId, ServiceError> {
+        let Identity::Cluster { id, .. } = identity else {
+            return Err(Denied::AdminWrite.into());
+        };
+        self.authorize_read(identity).await?;
+        Ok(id)
+    }
+
     async fn authorize_read(&self, identity: &Identity) -> Result<(), ServiceError> {
         let reg = self.registration(identity).await?;
         core::authorize_read(identity, reg.as_ref().map(|r| r.0.as_str()))?;
@@ -606,10 +619,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         request: Request<proto::GrantLeaseRequest>,
     ) -> Result<Response<proto::GrantLeaseResponse>, Status> {
         let identity = Self::identity(&request)?;
-        let Identity::Cluster { id, .. } = &identity else {
-            return Err(ServiceError::from(Denied::AdminWrite).into());
-        };
-        self.authorize_read(&identity).await?;
+        let id = self.live_cluster(&identity).await?;
         let ttl =
             Duration::from_secs(u64::from(request.get_ref().ttl_seconds.max(1))).min(MAX_LEASE_TTL);
         let lease = self
@@ -636,10 +646,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
         let identity = Self::identity(&request)?;
-        let Identity::Cluster { id, .. } = &identity else {
-            return Err(ServiceError::from(Denied::AdminWrite).into());
-        };
-        self.authorize_read(&identity).await?;
+        let id = self.live_cluster(&identity).await?;
         let lease = request.get_ref().lease_id;
         self.check_lease(lease, id).await?;
         let ttl = self
