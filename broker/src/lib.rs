@@ -5,6 +5,7 @@
 pub mod client;
 pub mod core;
 pub mod deploy;
+pub mod follow;
 pub mod hub;
 pub mod pki;
 pub mod server;

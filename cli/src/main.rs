@@ -32,6 +32,9 @@ enum Command {
     /// Run this node's gateway.
     #[command(subcommand)]
     Gateway(cmd::gateway::GatewayCommand),
+    /// Run or uninstall this node's route agent.
+    #[command(subcommand)]
+    RouteAgent(cmd::route_agent::RouteAgentCommand),
     /// Join this cluster to a broker with a broker-info file.
     Join(cmd::join::JoinArgs),
     /// Show what the broker knows.
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
             Command::Broker(c) => cmd::broker::run(c).await,
             Command::Join(a) => cmd::join::run(a).await,
             Command::Gateway(c) => cmd::gateway::run(c).await,
+            Command::RouteAgent(c) => cmd::route_agent::run(c).await,
             Command::Show(c) => cmd::show::run(c).await,
             Command::Benchmark(c) => cmd::benchmark::run(c).await,
             Command::Lab(c) => cmd::lab::run(c).await,

@@ -25,6 +25,7 @@ fn specs(nat_c: bool) -> Vec<ClusterSpec> {
         .map(|n| ClusterSpec {
             name: n.to_string(),
             gateways: 1,
+            workers: 0,
             nat: nat_c && *n == "c",
         })
         .collect()
@@ -173,6 +174,7 @@ fn interoperates_with_wireguard_go() {
         .map(|n| ClusterSpec {
             name: n.to_string(),
             gateways: 1,
+            workers: 0,
             nat: false,
         })
         .collect();

@@ -1,10 +1,10 @@
 //! A whole multi-cluster setup on one host, from real `clusterlink` processes in the
 //! testbed's namespaces: the broker in its own namespace, each cluster joined from its
-//! gateway node, and a gateway on every gateway node. Used by `clusterlink lab` and by the
-//! end-to-end tests.
+//! gateway node, a gateway on every gateway node and a route agent on every node. Used by
+//! `clusterlink lab` and by the end-to-end tests.
 //!
 //! Addresses: cluster i (from 1) has pods 10.i.0.0/16 and services 10.(100+i).0.0/16; its
-//! gateway k has tunnel address 10.i.255.(k+1).
+//! gateway k has tunnel address 10.i.255.(k+1); nodes and pods as in [`crate::topology`].
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,11 +14,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::netns::{Netns, Testbed, TestbedError, run, wait_until};
-use crate::topology::{ClusterSpec, Topology};
+use crate::topology::{ClusterSpec, Node, Role, Topology};
 
 pub const BROKER_PORT: u16 = 7443;
 pub const WG_PORT: u16 = 51820;
 pub const TUN: &str = "cl0";
+/// The route agents' table (their defaults).
+pub const ROUTE_TABLE: &str = "211";
 /// Namespace prefix of `clusterlink lab` (one lab per host at a time).
 pub const LAB_PREFIX: &str = "cllab-";
 
@@ -43,6 +45,30 @@ pub struct LabCluster {
     pub public_address: Ipv4Addr,
     pub credentials: PathBuf,
     pub gateways: Vec<LabGateway>,
+    /// Every node (gateways first), each with its pod and its route agent.
+    pub nodes: Vec<LabNode>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabNode {
+    #[serde(flatten)]
+    pub node: Node,
+    pub agent_pid: u32,
+}
+
+impl LabState {
+    /// Every process the lab started.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.broker_pid)
+            .chain(self.clusters.iter().flat_map(|c| {
+                c.gateways
+                    .iter()
+                    .map(|g| g.pid)
+                    .chain(c.nodes.iter().map(|n| n.agent_pid))
+            }))
+            .collect()
+    }
 }
 
 /// Everything `lab status` shows and `lab down` removes.
@@ -118,7 +144,7 @@ impl Lab {
             let pod_cidr = format!("10.{}.0.0/16", c.index);
             let service_cidr = format!("10.{}.0.0/16", 100 + u16::from(c.index));
             let credentials = dir.join(format!("{}.yaml", c.name));
-            c.gateway_ns(0).exec(
+            c.nodes[0].ns().exec(
                 &bin.display().to_string(),
                 &[
                     "join",
@@ -134,12 +160,12 @@ impl Lab {
                 ],
             )?;
             let mut gateways = Vec::new();
-            for (k, g) in c.gateways.iter().enumerate() {
+            for (k, g) in c.gateways().enumerate() {
                 let tunnel_ip = Ipv4Addr::new(10, c.index, 255, k as u8 + 1);
-                let key_file = dir.join(format!("{}.key", g.node));
+                let key_file = dir.join(format!("{}.key", g.name));
                 let pid = bed.spawn(
                     &ns(&g.namespace),
-                    &g.node,
+                    &g.name,
                     &bin.display().to_string(),
                     &[
                         "gateway",
@@ -147,7 +173,7 @@ impl Lab {
                         "--credentials",
                         &credentials.display().to_string(),
                         "--node",
-                        &g.node,
+                        &g.name,
                         "--private-addr",
                         &g.underlay.to_string(),
                         "--tunnel-ip",
@@ -159,12 +185,21 @@ impl Lab {
                     ],
                 )?;
                 gateways.push(LabGateway {
-                    node: g.node.clone(),
+                    node: g.name.clone(),
                     namespace: g.namespace.clone(),
                     underlay: g.underlay,
                     tunnel_ip,
                     pid,
                     key_file,
+                });
+            }
+            let mut nodes = Vec::new();
+            for n in &c.nodes {
+                let agent_pid =
+                    spawn_agent(&bed, bin, &credentials, n, &format!("{}-agent", n.name))?;
+                nodes.push(LabNode {
+                    node: n.clone(),
+                    agent_pid,
                 });
             }
             clusters.push(LabCluster {
@@ -175,6 +210,7 @@ impl Lab {
                 public_address: c.public,
                 credentials,
                 gateways,
+                nodes,
             });
         }
         let state = LabState {
@@ -236,6 +272,37 @@ impl Lab {
         })
     }
 
+    /// Waits until every node's route agent has a route to every other cluster's pod and
+    /// service CIDRs.
+    pub fn wait_routes(&self, timeout: Duration) -> Result<(), TestbedError> {
+        let remote = 2 * (self.state.clusters.len() - 1);
+        let missing = || {
+            self.state
+                .clusters
+                .iter()
+                .flat_map(|c| &c.nodes)
+                .find(|n| !agent_routes(&n.node.ns()).is_ok_and(|r| r.len() == remote))
+        };
+        wait_until("every node's routes to the other clusters", timeout, || {
+            missing().is_none()
+        })
+        .map_err(|e| match missing() {
+            Some(n) => {
+                let log = self.bed.log_path(&format!("{}-agent", n.node.name));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                TestbedError::Command {
+                    command: format!("route agent on {}", n.node.name),
+                    stderr: format!(
+                        "{e}; its log ends:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ),
+                }
+            }
+            None => e,
+        })
+    }
+
     /// Stops the broker (the data plane must not notice).
     pub fn stop_broker(&self) {
         self.bed.kill(self.state.broker_pid);
@@ -279,7 +346,87 @@ impl Lab {
         Ok(())
     }
 
+    /// The first worker node of a cluster.
+    pub fn worker(&self, cluster: usize) -> &Node {
+        let c = &self.state.clusters[cluster];
+        &c.nodes
+            .iter()
+            .find(|n| n.node.role == Role::Worker)
+            .unwrap_or(&c.nodes[0])
+            .node
+    }
+
+    /// Stops a node's route agent (SIGTERM, so it may clean up) and waits for it to exit.
+    pub fn stop_agent(&mut self, cluster: usize, node: usize) {
+        let pid = self.state.clusters[cluster].nodes[node].agent_pid;
+        self.bed.terminate(pid);
+    }
+
+    /// Starts a node's route agent again.
+    pub fn start_agent(
+        &mut self,
+        cluster: usize,
+        node: usize,
+        extra: &[&str],
+    ) -> Result<(), TestbedError> {
+        let c = &self.state.clusters[cluster];
+        let n = c.nodes[node].node.clone();
+        let pid = spawn_agent_with(
+            &self.bed,
+            &self.bin,
+            &c.credentials,
+            &n,
+            &format!("{}-agent-restarted", n.name),
+            extra,
+        )?;
+        self.state.clusters[cluster].nodes[node].agent_pid = pid;
+        Ok(())
+    }
+
     pub fn gateway_ns(&self, cluster: usize, k: usize) -> Netns {
         ns(&self.state.clusters[cluster].gateways[k].namespace)
     }
+}
+
+fn spawn_agent(
+    bed: &Testbed,
+    bin: &Path,
+    credentials: &Path,
+    node: &Node,
+    log: &str,
+) -> Result<u32, TestbedError> {
+    spawn_agent_with(bed, bin, credentials, node, log, &[])
+}
+
+fn spawn_agent_with(
+    bed: &Testbed,
+    bin: &Path,
+    credentials: &Path,
+    node: &Node,
+    log: &str,
+    extra: &[&str],
+) -> Result<u32, TestbedError> {
+    let mut args = vec![
+        "route-agent",
+        "run",
+        "--credentials",
+        credentials.to_str().unwrap_or_default(),
+        "--node",
+        &node.name,
+        "--tunnel-device",
+        TUN,
+    ];
+    let ip = node.underlay.to_string();
+    args.extend(["--node-ip", &ip]);
+    args.extend(extra);
+    bed.spawn(&node.ns(), log, &bin.display().to_string(), &args)
+}
+
+/// The destinations of the route agent's routes on a node (`ip route show table 211`).
+pub fn agent_routes(node: &Netns) -> Result<Vec<String>, TestbedError> {
+    let out = node.ip(&["-4", "route", "show", "table", ROUTE_TABLE])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
 }

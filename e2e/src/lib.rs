@@ -11,4 +11,4 @@ pub mod topology;
 
 pub use lab::{Lab, LabState};
 pub use netns::{Netns, Testbed, TestbedError, wait_until};
-pub use topology::{ClusterNet, ClusterSpec, Topology};
+pub use topology::{ClusterNet, ClusterSpec, Node, Pod, Role, Topology};

@@ -259,6 +259,29 @@ impl Testbed {
         }
     }
 
+    /// Stops a process with SIGTERM, so that it may clean up, and waits up to 10 s for it
+    /// to exit (then kills it). Returns whether it exited by itself.
+    pub fn terminate(&self, pid: u32) -> bool {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = children.iter().position(|c| c.id() == pid) else {
+            return false;
+        };
+        let mut c = children.remove(i);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let exited = wait_until("the process to exit", Duration::from_secs(10), || {
+            matches!(c.try_wait(), Ok(Some(_)))
+        })
+        .is_ok();
+        if !exited {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        exited
+    }
+
     pub fn namespaces(&self) -> Vec<Netns> {
         self.namespaces
             .lock()

@@ -1,19 +1,27 @@
 //! Multi-cluster topologies.
 //!
 //! ```text
-//!                         wan  (routes the underlay; NAT per cluster, optional)
-//!          c1 172.31.1.1 /   \ c2 172.31.2.1          public address of a NATed cluster:
-//!                       /     \                        100.64.<i>.1 (on wan's loopback)
-//!    <a>-gw0 172.31.1.2/24   <b>-gw0 172.31.2.2/24  ...  (gateway K: 172.31.<i>.<2+K>)
+//!                            wan  (routes the underlay; NAT per cluster, optional)
+//!          br1 172.31.1.1  /     \  br2 172.31.2.1        public address of a NATed cluster:
+//!                         /       \                        100.64.<i>.1 (on wan's loopback)
+//!   a-gw0 172.31.1.2  a-w1 172.31.1.101      b-gw0 …  b-w1 …
+//!     │ pod0               │ pod0
+//!   a-gw0-pod 10.1.1.10  a-w1-pod 10.1.101.10
 //! ```
+//!
+//! Each cluster's nodes share one segment (a bridge in the wan namespace): gateway node K
+//! at 172.31.<i>.<2+K>, worker node K (from 1) at 172.31.<i>.<100+K>. Every node has one
+//! pod, a namespace on a veth pair to it, in the node's own /24 of the cluster's pod CIDR
+//! (10.<i>.<n>.0/24, n = K+1 for gateways, 100+K for workers; the pod is .10, the node .1).
+//! The nodes route each other's pod subnets over the segment, as a host-gateway CNI would.
 //!
 //! A cluster behind NAT has its underlay source-NATed to 100.64.<i>.1 when it leaves for
 //! another cluster, and connections into it that it did not start are dropped, as at a
-//! real NAT. The broker, when a test wants one, runs in the wan namespace itself.
+//! real NAT. The broker has a namespace of its own behind the wan.
 
 use std::net::Ipv4Addr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::netns::{Netns, Testbed, TestbedError};
 
@@ -21,24 +29,74 @@ use crate::netns::{Netns, Testbed, TestbedError};
 pub struct ClusterSpec {
     pub name: String,
     pub gateways: usize,
+    pub workers: usize,
     pub nat: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct GatewayNode {
-    pub namespace: String,
-    pub node: String,
-    pub underlay: Ipv4Addr,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Gateway,
+    Worker,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    /// `<node>-pod`.
+    pub name: String,
+    pub namespace: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    /// `<cluster>-gw<K>` or `<cluster>-w<K>`.
+    pub name: String,
+    pub role: Role,
+    pub namespace: String,
+    pub underlay: Ipv4Addr,
+    /// The node's /24 of the pod CIDR.
+    pub pod_subnet: String,
+    pub pod: Pod,
+}
+
+impl Node {
+    pub fn ns(&self) -> Netns {
+        Netns {
+            name: self.namespace.clone(),
+        }
+    }
+}
+
+impl Pod {
+    pub fn ns(&self) -> Netns {
+        Netns {
+            name: self.namespace.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
 pub struct ClusterNet {
     pub name: String,
     pub index: u8,
     pub nat: bool,
     /// The address the other clusters see this cluster's gateways come from.
     pub public: Ipv4Addr,
-    pub gateways: Vec<GatewayNode>,
+    /// Gateway nodes first, then workers.
+    pub nodes: Vec<Node>,
+}
+
+impl ClusterNet {
+    pub fn gateways(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.role == Role::Gateway)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| n.role == Role::Worker)
+    }
 }
 
 pub struct Topology {
@@ -49,18 +107,10 @@ pub struct Topology {
     pub clusters: Vec<ClusterNet>,
 }
 
-impl ClusterNet {
-    pub fn gateway_ns(&self, k: usize) -> Netns {
-        Netns {
-            name: self.gateways[k].namespace.clone(),
-        }
-    }
-}
-
 impl Topology {
     pub const BROKER_ADDR: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 
-    /// Wan address on cluster `i`'s link.
+    /// Wan address on cluster `i`'s segment.
     pub fn wan_addr(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(172, 31, i, 1)
     }
@@ -82,57 +132,96 @@ impl Topology {
         let mut clusters = Vec::new();
         let mut nat_rules = String::new();
         for (i, spec) in specs.iter().enumerate() {
-            let idx = u8::try_from(i + 1).map_err(|_| TestbedError::Command {
-                command: "topology".into(),
-                stderr: "at most 250 clusters".into(),
-            })?;
-            let link = format!("c{idx}");
+            let idx = u8::try_from(i + 1)
+                .ok()
+                .filter(|i| *i <= 99)
+                .ok_or_else(|| TestbedError::Command {
+                    command: "topology".into(),
+                    stderr: "at most 99 clusters".into(),
+                })?;
+            if spec.gateways.max(1) > 50 || spec.workers > 99 {
+                return Err(TestbedError::Command {
+                    command: "topology".into(),
+                    stderr: "at most 50 gateways and 99 workers per cluster".into(),
+                });
+            }
             let wan_ip = Self::wan_addr(idx);
-            let mut gateways = Vec::new();
-            for k in 0..spec.gateways.max(1) {
-                let node = format!("{}-gw{k}", spec.name);
-                let ns = bed.namespace(&node)?;
-                let underlay = Ipv4Addr::new(172, 31, idx, 2 + k as u8);
-                if k == 0 {
-                    bed.veth(&wan, &link, &ns, "eth0")?;
-                    wan.ip(&["addr", "add", &format!("{wan_ip}/24"), "dev", &link])?;
-                } else {
-                    // Further gateway nodes share the cluster's segment through a bridge in wan.
-                    let port = format!("c{idx}g{k}");
-                    bed.veth(&wan, &port, &ns, "eth0")?;
-                    ensure_bridge(&wan, idx, &link)?;
-                    wan.ip(&["link", "set", &port, "master", &format!("br{idx}")])?;
-                }
+            let br = format!("br{idx}");
+            wan.ip(&["link", "add", &br, "type", "bridge"])?;
+            wan.ip(&["link", "set", &br, "up"])?;
+            wan.ip(&["addr", "add", &format!("{wan_ip}/24"), "dev", &br])?;
+            let roles = (0..spec.gateways.max(1))
+                .map(|k| (Role::Gateway, k, format!("gw{k}"), 2 + k as u8, 1 + k as u8))
+                .chain((1..=spec.workers).map(|k| {
+                    (
+                        Role::Worker,
+                        k,
+                        format!("w{k}"),
+                        100 + k as u8,
+                        100 + k as u8,
+                    )
+                }));
+            let mut nodes = Vec::new();
+            for (role, _, short, host, subnet) in roles {
+                let name = format!("{}-{short}", spec.name);
+                let ns = bed.namespace(&name)?;
+                let underlay = Ipv4Addr::new(172, 31, idx, host);
+                bed.veth(&wan, &format!("c{idx}{short}"), &ns, "eth0")?;
+                wan.ip(&["link", "set", &format!("c{idx}{short}"), "master", &br])?;
                 ns.ip(&["addr", "add", &format!("{underlay}/24"), "dev", "eth0"])?;
                 ns.ip(&["route", "add", "default", "via", &wan_ip.to_string()])?;
-                gateways.push(GatewayNode {
+                ns.sysctl("net.ipv4.ip_forward", "1")?;
+                // The node's pod, as a CNI would wire it.
+                let pod_name = format!("{name}-pod");
+                let pod_ns = bed.namespace(&pod_name)?;
+                bed.veth(&ns, "pod0", &pod_ns, "eth0")?;
+                let node_side = Ipv4Addr::new(10, idx, subnet, 1);
+                let address = Ipv4Addr::new(10, idx, subnet, 10);
+                ns.ip(&["addr", "add", &format!("{node_side}/24"), "dev", "pod0"])?;
+                pod_ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+                pod_ns.ip(&["route", "add", "default", "via", &node_side.to_string()])?;
+                nodes.push(Node {
+                    name,
+                    role,
                     namespace: ns.name.clone(),
-                    node,
                     underlay,
+                    pod_subnet: format!("10.{idx}.{subnet}.0/24"),
+                    pod: Pod {
+                        name: pod_name,
+                        namespace: pod_ns.name.clone(),
+                        address,
+                    },
                 });
+            }
+            // Host-gateway "CNI": every node routes the others' pod subnets over the segment.
+            for n in &nodes {
+                for m in nodes.iter().filter(|m| m.name != n.name) {
+                    n.ns().ip(&[
+                        "route",
+                        "add",
+                        &m.pod_subnet,
+                        "via",
+                        &m.underlay.to_string(),
+                    ])?;
+                }
             }
             let public = if spec.nat {
                 let public = Ipv4Addr::new(100, 64, idx, 1);
                 wan.ip(&["addr", "add", &format!("{public}/32"), "dev", "lo"])?;
-                let iface = if spec.gateways > 1 {
-                    format!("br{idx}")
-                } else {
-                    link.clone()
-                };
                 nat_rules.push_str(&format!(
-                    "add rule ip clusterlink_lab nat_post ip saddr 172.31.{idx}.0/24 oifname != \"{iface}\" snat to {public}\n\
-                     add rule ip clusterlink_lab nat_forward oifname \"{iface}\" ct state new drop\n"
+                    "add rule ip clusterlink_lab nat_post ip saddr 172.31.{idx}.0/24 oifname != \"{br}\" snat to {public}\n\
+                     add rule ip clusterlink_lab nat_forward iifname != \"{br}\" oifname \"{br}\" ct state new drop\n"
                 ));
                 public
             } else {
-                gateways[0].underlay
+                nodes[0].underlay
             };
             clusters.push(ClusterNet {
                 name: spec.name.clone(),
                 index: idx,
                 nat: spec.nat,
                 public,
-                gateways,
+                nodes,
             });
         }
         if !nat_rules.is_empty() {
@@ -149,21 +238,6 @@ impl Topology {
             clusters,
         })
     }
-}
-
-fn ensure_bridge(wan: &Netns, idx: u8, first_link: &str) -> Result<(), TestbedError> {
-    let br = format!("br{idx}");
-    if wan.ip(&["link", "show", &br]).is_ok() {
-        return Ok(());
-    }
-    // Move the wan address from the first gateway's link to a bridge holding both.
-    let wan_ip = Topology::wan_addr(idx);
-    wan.ip(&["link", "add", &br, "type", "bridge"])?;
-    wan.ip(&["link", "set", &br, "up"])?;
-    wan.ip(&["addr", "del", &format!("{wan_ip}/24"), "dev", first_link])?;
-    wan.ip(&["link", "set", first_link, "master", &br])?;
-    wan.ip(&["addr", "add", &format!("{wan_ip}/24"), "dev", &br])?;
-    Ok(())
 }
 
 /// Loads an nft script inside a namespace.

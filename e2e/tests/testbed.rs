@@ -15,6 +15,7 @@ fn spec(name: &str, nat: bool) -> ClusterSpec {
     ClusterSpec {
         name: name.into(),
         gateways: 1,
+        workers: 1,
         nat,
     }
 }
@@ -57,10 +58,10 @@ fn routes_between_clusters_and_nat_blocks_inbound() {
     let bed = Testbed::new().expect("the testbed needs root");
     let topo =
         Topology::build(&bed, &[spec("a", false), spec("b", false), spec("c", true)]).unwrap();
-    let a = topo.clusters[0].gateway_ns(0);
-    let c = topo.clusters[2].gateway_ns(0);
-    let b_ip = topo.clusters[1].gateways[0].underlay.to_string();
-    let c_ip = topo.clusters[2].gateways[0].underlay.to_string();
+    let a = topo.clusters[0].nodes[0].ns();
+    let c = topo.clusters[2].nodes[0].ns();
+    let b_ip = topo.clusters[1].nodes[0].underlay.to_string();
+    let c_ip = topo.clusters[2].nodes[0].underlay.to_string();
     wait_until("a reaches b", Duration::from_secs(5), || ping(&a, &b_ip)).unwrap();
     // c reaches out; what a sees is c's public address.
     assert!(ping(&c, &b_ip));
@@ -70,6 +71,14 @@ fn routes_between_clusters_and_nat_blocks_inbound() {
         "NAT must drop connections into the cluster"
     );
     assert_eq!(topo.clusters[2].public.to_string(), "100.64.3.1");
+    // Inside a cluster, pods on different nodes reach each other (the lab's "CNI")…
+    let a_gw_pod = &topo.clusters[0].nodes[0].pod;
+    let a_w_pod = &topo.clusters[0].workers().next().unwrap().pod;
+    assert!(ping(&a_w_pod.ns(), &a_gw_pod.address.to_string()));
+    assert!(ping(&a_gw_pod.ns(), &a_w_pod.address.to_string()));
+    // …but not across clusters: that takes clusterlink.
+    let b_w_pod = &topo.clusters[1].workers().next().unwrap().pod;
+    assert!(!ping(&a_w_pod.ns(), &b_w_pod.address.to_string()));
     // The host namespace has none of this: its links, addresses, routes and rules are as before.
     assert_eq!(host_state(), host_before);
     assert!(namespaces().contains(&format!("{}wan", bed.prefix)));

@@ -5,7 +5,6 @@
 //! (this gateway's endpoint under a lease, and its tunnels' status). The data plane never
 //! waits on the broker: through a broker outage it keeps the last peers it had.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -14,14 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clusterlink_api::{
-    Cluster, ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, Kind, NodeName, Record,
-    RecordKey, proto,
+    ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, NodeName, Record, proto,
 };
 use clusterlink_broker::client::{ClientError, Credentials, connect_with};
-use ipnet::IpNet;
+use clusterlink_broker::follow::follow;
 use thiserror::Error;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
@@ -64,8 +62,6 @@ pub struct GatewayConfig {
     /// This gateway's address on the TUN device (inside its cluster's pod CIDR).
     pub tunnel_ip: Ipv4Addr,
     pub mtu: u16,
-    /// Install routes for remote CIDRs into the TUN device (until the route agent does).
-    pub program_routes: bool,
 }
 
 /// Loads the WireGuard key, or makes one (mode 0600). The private key never leaves the node.
@@ -161,7 +157,6 @@ pub async fn run(
     };
     let publisher = tokio::spawn(publish(config.credentials.clone(), endpoint, status_rx));
 
-    let mut routes = Routes::new(&config.tun_name, config.program_routes);
     let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
         .map(|_| vec![0u8; MAX_DATAGRAM])
@@ -219,9 +214,7 @@ pub async fn run(
                 if changed.is_err() { break; }
                 let specs = peers_rx.borrow_and_update().clone();
                 if let Some(specs) = specs {
-                    let wanted: BTreeSet<IpNet> = specs.iter().filter(|s| s.active).flat_map(|s| s.cidrs.iter().copied()).collect();
                     core.set_peers(specs, Instant::now());
-                    routes.sync(wanted).await;
                 }
             }
         }
@@ -249,7 +242,6 @@ pub async fn run(
     info!("gateway stopping");
     follower.abort();
     publisher.abort();
-    routes.sync(BTreeSet::new()).await;
     Ok(())
 }
 
@@ -259,190 +251,21 @@ const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// Packets taken from one socket per wake-up, beyond the first.
 const BATCH: usize = 63;
 
-/// Routes to remote CIDRs through the TUN device, tagged with our own protocol number so
-/// that only ours are ever replaced or removed.
-struct Routes {
-    dev: String,
-    enabled: bool,
-    installed: BTreeSet<IpNet>,
-}
-
-/// Route protocol number of routes clusterlink installs.
-pub const ROUTE_PROTOCOL: &str = "211";
-
-impl Routes {
-    fn new(dev: &str, enabled: bool) -> Self {
-        Self {
-            dev: dev.to_owned(),
-            enabled,
-            installed: BTreeSet::new(),
-        }
-    }
-
-    async fn sync(&mut self, wanted: BTreeSet<IpNet>) {
-        if !self.enabled {
-            return;
-        }
-        let remove: Vec<IpNet> = self.installed.difference(&wanted).copied().collect();
-        for net in remove {
-            if self.route("del", net).await {
-                self.installed.remove(&net);
-            }
-        }
-        let add: Vec<IpNet> = wanted.difference(&self.installed).copied().collect();
-        for net in add {
-            if self.route("replace", net).await {
-                self.installed.insert(net);
-            }
-        }
-    }
-
-    /// `ip route OP NET dev DEV proto ROUTE_PROTOCOL`; true on success.
-    async fn route(&self, op: &str, net: IpNet) -> bool {
-        ip_route(&[
-            op,
-            &net.to_string(),
-            "dev",
-            &self.dev,
-            "proto",
-            ROUTE_PROTOCOL,
-        ])
-        .await
-    }
-}
-
-async fn ip_route(args: &[&str]) -> bool {
-    match tokio::process::Command::new("ip")
-        .arg("route")
-        .args(args)
-        .output()
-        .await
-    {
-        Ok(o) if o.status.success() => true,
-        Ok(o) => {
-            warn!(?args, stderr = %String::from_utf8_lossy(&o.stderr).trim(), "ip route failed");
-            false
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot run ip");
-            false
-        }
-    }
-}
-
-/// What one list+watch delivers.
-enum Update {
-    Reset(Vec<Record>),
-    Put(Record),
-    Delete(RecordKey),
-}
-
-/// Lists then watches `kind`, forever: relists when told to, reconnects after failures.
-async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)>) {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let result: Result<(), String> = async {
-            let mut client = connect_with(&creds).await.map_err(|e| e.to_string())?;
-            let list = client
-                .list(proto::ListRequest {
-                    kind: kind.to_proto() as i32,
-                })
-                .await
-                .map_err(|s| s.message().to_owned())?
-                .into_inner();
-            let records = list
-                .records
-                .into_iter()
-                .filter_map(|r| Record::try_from(r).ok())
-                .collect();
-            tx.send((kind, Update::Reset(records)))
-                .await
-                .map_err(|_| "closed".to_owned())?;
-            let mut stream = client
-                .watch(proto::WatchRequest {
-                    kind: kind.to_proto() as i32,
-                    from_revision: list.revision,
-                })
-                .await
-                .map_err(|s| s.message().to_owned())?
-                .into_inner();
-            backoff = Duration::from_millis(200);
-            while let Some(msg) = stream.message().await.map_err(|s| s.message().to_owned())? {
-                if msg.relist_required {
-                    return Ok(());
-                }
-                for ev in msg.events {
-                    let update = match (ev.r#type == proto::EventType::Put as i32, ev.record) {
-                        (true, Some(r)) => match Record::try_from(r) {
-                            Ok(r) => Update::Put(r),
-                            Err(_) => continue,
-                        },
-                        _ => match ev.key.parse() {
-                            Ok(k) => Update::Delete(k),
-                            Err(_) => continue,
-                        },
-                    };
-                    tx.send((kind, update))
-                        .await
-                        .map_err(|_| "closed".to_owned())?;
-                }
-            }
-            Err("watch ended".into())
-        }
-        .await;
-        if let Err(e) = result {
-            debug!(?kind, error = %e, "broker follow interrupted; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-}
-
+/// Turns the broker's view into peers, for as long as the data plane listens.
 async fn follow_broker(
     creds: Credentials,
     local: ClusterId,
     out: watch::Sender<Option<Vec<PeerSpec>>>,
 ) {
-    let (tx, mut rx) = mpsc::channel(256);
-    let _c = tokio::spawn(reflect(creds.clone(), Kind::Clusters, tx.clone()));
-    let _g = tokio::spawn(reflect(creds, Kind::Gateways, tx));
-    let mut clusters: BTreeMap<ClusterId, Cluster> = BTreeMap::new();
-    let mut gateways: BTreeMap<(ClusterId, NodeName), GatewayEndpoint> = BTreeMap::new();
-    while let Some((kind, update)) = rx.recv().await {
-        match (kind, update) {
-            (Kind::Clusters, Update::Reset(rs)) => {
-                clusters = rs
-                    .into_iter()
-                    .filter_map(|r| match r {
-                        Record::Cluster(c) => Some((c.cluster.id.clone(), c.cluster)),
-                        _ => None,
-                    })
-                    .collect();
-            }
-            (Kind::Gateways, Update::Reset(rs)) => {
-                gateways = rs
-                    .into_iter()
-                    .filter_map(|r| match r {
-                        Record::Gateway(g) => Some(((g.cluster.clone(), g.node.clone()), g)),
-                        _ => None,
-                    })
-                    .collect();
-            }
-            (_, Update::Put(Record::Cluster(c))) => {
-                clusters.insert(c.cluster.id.clone(), c.cluster);
-            }
-            (_, Update::Put(Record::Gateway(g))) => {
-                gateways.insert((g.cluster.clone(), g.node.clone()), g);
-            }
-            (_, Update::Delete(RecordKey::Cluster(id))) => {
-                clusters.remove(&id);
-            }
-            (_, Update::Delete(RecordKey::Gateway(c, n))) => {
-                gateways.remove(&(c, n));
-            }
-            _ => continue,
+    let mut set = follow(creds);
+    while set.changed().await.is_ok() {
+        let specs = set
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| peer_specs(&local, &s.clusters, &s.gateways));
+        if specs.is_some() && out.send(specs).is_err() {
+            return;
         }
-        let _ = out.send(Some(peer_specs(&local, &clusters, &gateways)));
     }
 }
 

@@ -1,22 +1,30 @@
 //! Desired state and difference, without I/O.
 //!
-//! Every route the agent owns lives in its own table, is reached through its own `ip rule`,
-//! and carries its own route protocol number, so the applier can tell its routes from
-//! everyone else's and never touches the others.
+//! Everything the agent owns is marked so the shell can tell it from everyone else's and
+//! never touches the rest:
+//! - routes live in the agent's own table and carry its own route protocol number;
+//! - its one `ip rule` (look up the table, for every destination) has its own priority,
+//!   table and protocol;
+//! - its overlay link has its own name and an alias naming the agent.
 //!
-//! - On the active gateway node: each remote CIDR into the tunnel device.
-//! - On every other node: each remote CIDR via the overlay (VXLAN) device toward the active
-//!   gateway node's overlay address, so it works whatever the CNI does with the node's own
-//!   routes.
+//! Where the routes point:
+//! - on the cluster's active gateway node, each remote CIDR goes into the tunnel device;
+//! - on every other node, each remote CIDR goes via the overlay (VXLAN, point to point to
+//!   the active gateway node) to the gateway's overlay address, so it works whatever the CNI
+//!   does with the node's own routes. Replies come back through the CNI as any pod traffic.
 //!
-//! Routes carry the tunnel MTU, so TCP picks an MSS that fits without packet-filter rules.
+//! Routes carry the tunnel MTU, so TCP picks an MSS that fits without packet-filter rules,
+//! and, where the node has an address inside its cluster's pod CIDR, that address as the
+//! preferred source, so traffic the node itself sends can be answered.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::IpNet;
+use clusterlink_api::{ClusterId, GatewayEndpoint, GatewayRole, NodeName};
+use clusterlink_broker::follow::ClusterSet;
+use ipnet::{IpNet, Ipv4Net};
 
-/// Table, rule priority and route protocol of the agent's own routes.
+/// Table, rule priority and route protocol of the agent's own routes and rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ownership {
     pub table: u32,
@@ -34,18 +42,50 @@ impl Default for Ownership {
     }
 }
 
-/// What the agent knows of the world at one moment.
+/// The alias the agent gives the links it creates; a link of the overlay's name without it
+/// belongs to someone else and is never touched.
+pub const LINK_ALIAS: &str = "clusterlink-route-agent";
+
+/// VXLAN header and the outer UDP, IP and Ethernet headers (IPv4 underlay).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// This node, as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterView {
-    /// Is this node the cluster's active gateway?
-    pub this_node_is_active_gateway: bool,
-    /// The active gateway node's address on the overlay; `None` while no gateway is active.
-    pub active_gateway_overlay_ip: Option<IpAddr>,
-    /// Every remote cluster's pod and service CIDRs.
-    pub remote_cidrs: BTreeSet<IpNet>,
+pub struct NodeConfig {
+    pub cluster: ClusterId,
+    pub node: NodeName,
+    /// The node's underlay address (the overlay's local end).
+    pub node_ip: Ipv4Addr,
     pub tunnel_device: String,
     pub overlay_device: String,
     pub tunnel_mtu: u32,
+    pub underlay_mtu: u32,
+    pub vni: u32,
+    pub vxlan_port: u16,
+}
+
+/// What the shell found on the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Names of the links present.
+    pub links: BTreeSet<String>,
+    /// IPv4 addresses on links other than the tunnel and the overlay.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+/// The overlay link (VXLAN) to the active gateway node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Overlay {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    /// The active gateway node's underlay address; `None` on the gateway node itself (it
+    /// only receives) and while no gateway is active.
+    pub remote: Option<Ipv4Addr>,
+    /// This node's address on the overlay (a /8 in [`OVERLAY_NET`]).
+    pub address: Ipv4Addr,
+    pub mtu: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,83 +93,178 @@ pub enum NextHop {
     /// Out of this device, no gateway (the tunnel device on the gateway node).
     Device(String),
     /// Via this address on this device (the overlay toward the gateway node).
-    Via(IpAddr, String),
+    Via(Ipv4Addr, String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Route {
-    pub destination: IpNet,
+    pub destination: Ipv4Net,
     pub next_hop: NextHop,
     pub mtu: u32,
+    pub source: Option<Ipv4Addr>,
     pub table: u32,
     pub protocol: u8,
 }
 
-/// `ip rule`: look up `table` for every destination in `destinations`, at `priority`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `ip rule priority P lookup T protocol X`: the agent's table, for every destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Rule {
-    pub destination: IpNet,
-    pub table: u32,
     pub priority: u32,
+    pub table: u32,
+    pub protocol: u8,
 }
 
+/// The agent's part of the node, as wanted or as found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub overlay: Option<Overlay>,
+    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub rules: Vec<Rule>,
+}
+
+/// The desired state, and what could not be expressed in it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub routes: BTreeSet<Route>,
-    pub rules: BTreeSet<Rule>,
+    pub state: State,
+    /// The active gateway node, if any.
+    pub active_gateway: Option<NodeName>,
+    /// Why there are no routes, when there are none although remote clusters exist.
+    pub waiting_for: Option<&'static str>,
+    /// Remote CIDRs the agent cannot route (IPv6: the overlay is IPv4 for now).
+    pub unsupported: Vec<IpNet>,
 }
 
-/// The routes and rules this node should have.
-pub fn desired(view: &ClusterView, own: Ownership) -> Desired {
-    let next_hop = if view.this_node_is_active_gateway {
-        Some(NextHop::Device(view.tunnel_device.clone()))
+/// The overlay addresses: 240.0.0.0/8, as Submariner does; a node's is 240 followed by the
+/// low three bytes of its underlay address.
+pub const OVERLAY_NET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(240, 0, 0, 0), 8) {
+    Ok(n) => n,
+    Err(_) => panic!("240.0.0.0/8"),
+};
+
+pub fn overlay_address(underlay: Ipv4Addr) -> Ipv4Addr {
+    let [_, b, c, d] = underlay.octets();
+    Ipv4Addr::new(240, b, c, d)
+}
+
+/// The cluster's active gateway: among its gateways that say they are active, the one with
+/// the lowest node name, so that every node of the cluster picks the same one. (There is no
+/// election between several gateways of one cluster yet; with one, it is that one.)
+pub fn active_gateway<'a>(set: &'a ClusterSet, cluster: &ClusterId) -> Option<&'a GatewayEndpoint> {
+    set.gateways
+        .iter()
+        .filter(|((c, _), g)| c == cluster && g.role == GatewayRole::Active)
+        .map(|(_, g)| g)
+        .next()
+}
+
+/// The routes, rule and overlay this node should have.
+pub fn desired(
+    config: &NodeConfig,
+    set: &ClusterSet,
+    facts: &NodeFacts,
+    own: Ownership,
+) -> Desired {
+    let mut out = Desired::default();
+    let mut remote: BTreeSet<Ipv4Net> = BTreeSet::new();
+    for (id, c) in &set.clusters {
+        if id == &config.cluster {
+            continue;
+        }
+        for net in c.pod_cidrs.iter().chain(c.service_cidrs.iter()) {
+            match net {
+                IpNet::V4(v4) => {
+                    remote.insert(*v4);
+                }
+                IpNet::V6(_) => out.unsupported.push(*net),
+            }
+        }
+    }
+    let gateway = active_gateway(set, &config.cluster);
+    out.active_gateway = gateway.map(|g| g.node.clone());
+    let this_is_gateway = gateway.is_some_and(|g| g.node == config.node);
+    let gateway_ip = gateway.and_then(|g| match g.private_addr {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(_) => None,
+    });
+    out.state.overlay = Some(Overlay {
+        name: config.overlay_device.clone(),
+        vni: config.vni,
+        port: config.vxlan_port,
+        local: config.node_ip,
+        remote: if this_is_gateway { None } else { gateway_ip },
+        address: overlay_address(config.node_ip),
+        mtu: config.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+    });
+    out.state.rules = vec![Rule {
+        priority: own.rule_priority,
+        table: own.table,
+        protocol: own.protocol,
+    }];
+    let next_hop = if this_is_gateway {
+        if facts.links.contains(&config.tunnel_device) {
+            Some(NextHop::Device(config.tunnel_device.clone()))
+        } else {
+            out.waiting_for = Some("the tunnel device (is the gateway running on this node?)");
+            None
+        }
+    } else if let Some(ip) = gateway_ip {
+        Some(NextHop::Via(
+            overlay_address(ip),
+            config.overlay_device.clone(),
+        ))
+    } else if gateway.is_some() {
+        out.waiting_for = Some("a gateway with an IPv4 underlay address");
+        None
     } else {
-        view.active_gateway_overlay_ip
-            .map(|ip| NextHop::Via(ip, view.overlay_device.clone()))
+        out.waiting_for = Some("an active gateway in this cluster");
+        None
     };
     let Some(next_hop) = next_hop else {
-        // No active gateway: no routes (traffic to remote clusters fails fast rather than
-        // leaking out of the node's default route), but keep the rules in place.
-        return Desired {
-            routes: BTreeSet::new(),
-            rules: rules(view, own),
-        };
+        // No way out: no routes, so traffic to remote clusters fails fast rather than leaking
+        // out of the node's default route.
+        if remote.is_empty() {
+            out.waiting_for = None;
+        }
+        return out;
     };
-    Desired {
-        routes: view
-            .remote_cidrs
-            .iter()
-            .map(|d| Route {
-                destination: *d,
+    let local_pods: Vec<IpNet> = set
+        .clusters
+        .get(&config.cluster)
+        .map(|c| c.pod_cidrs.iter().copied().collect())
+        .unwrap_or_default();
+    let source = facts
+        .addresses
+        .iter()
+        .copied()
+        .find(|a| local_pods.iter().any(|n| n.contains(&IpAddr::V4(*a))));
+    out.state.routes = remote
+        .into_iter()
+        .map(|destination| {
+            let route = Route {
+                destination,
                 next_hop: next_hop.clone(),
-                mtu: view.tunnel_mtu,
+                mtu: config.tunnel_mtu,
+                source,
                 table: own.table,
                 protocol: own.protocol,
-            })
-            .collect(),
-        rules: rules(view, own),
-    }
-}
-
-fn rules(view: &ClusterView, own: Ownership) -> BTreeSet<Rule> {
-    view.remote_cidrs
-        .iter()
-        .map(|d| Rule {
-            destination: *d,
-            table: own.table,
-            priority: own.rule_priority,
+            };
+            (destination, route)
         })
-        .collect()
+        .collect();
+    out
 }
 
-/// What to change to get from `installed` to `desired`. Only entries of the agent's own
-/// table and protocol are ever considered: anything else in `installed` is ignored, never
-/// removed. The kernel keys a route by table and destination, so a route whose next hop or
-/// MTU changed is one replace (`add_routes` is applied with replace semantics), never a
+/// What to change to get from `installed` to `desired`. Only the agent's own entries are in
+/// either (the shell reads nothing else), and they are checked again here: nothing of
+/// another table, protocol or priority is ever removed. The kernel keys a route by table and
+/// destination, so a route whose next hop, MTU or source changed is one replace, never a
 /// remove and an add.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub add_routes: Vec<Route>,
+    /// Remove the overlay link (it is ours and differs, or is no longer wanted).
+    pub delete_overlay: bool,
+    pub create_overlay: Option<Overlay>,
+    pub replace_routes: Vec<Route>,
     pub remove_routes: Vec<Route>,
     pub add_rules: Vec<Rule>,
     pub remove_rules: Vec<Rule>,
@@ -137,152 +272,84 @@ pub struct Changes {
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.add_routes.is_empty()
+        !self.delete_overlay
+            && self.create_overlay.is_none()
+            && self.replace_routes.is_empty()
             && self.remove_routes.is_empty()
             && self.add_rules.is_empty()
             && self.remove_rules.is_empty()
     }
 }
 
-pub fn diff(installed: &Desired, desired: &Desired, own: Ownership) -> Changes {
-    let mine_r = |r: &&Route| r.table == own.table && r.protocol == own.protocol;
-    let mine_u = |r: &&Rule| r.table == own.table && r.priority == own.rule_priority;
+pub fn diff(installed: &State, desired: &State, own: Ownership) -> Changes {
+    let mut ch = Changes::default();
+    let recreate = installed.overlay != desired.overlay;
+    if recreate {
+        ch.delete_overlay = installed.overlay.is_some();
+        ch.create_overlay = desired.overlay.clone();
+    }
+    // Recreating the overlay takes the kernel's routes through it along.
+    let gone_with_overlay = |r: &Route| {
+        recreate
+            && matches!(&r.next_hop, NextHop::Via(_, dev)
+                if installed.overlay.as_ref().is_some_and(|o| &o.name == dev))
+    };
+    let mine = |r: &Route| r.table == own.table && r.protocol == own.protocol;
+    for (dst, want) in &desired.routes {
+        match installed.routes.get(dst) {
+            Some(have) if have == want && !gone_with_overlay(have) => {}
+            _ => ch.replace_routes.push(want.clone()),
+        }
+    }
+    for (dst, have) in &installed.routes {
+        if mine(have) && !desired.routes.contains_key(dst) && !gone_with_overlay(have) {
+            ch.remove_routes.push(have.clone());
+        }
+    }
+    let own_rule = |r: &&Rule| {
+        r.priority == own.rule_priority && r.table == own.table && r.protocol == own.protocol
+    };
+    let have: Vec<Rule> = installed.rules.iter().filter(own_rule).copied().collect();
+    for want in &desired.rules {
+        if !have.contains(want) {
+            ch.add_rules.push(*want);
+        }
+    }
+    // Keep one of each wanted rule; duplicates and unwanted ones go.
+    let mut kept = BTreeSet::new();
+    for r in have {
+        if !desired.rules.contains(&r) || !kept.insert(r) {
+            ch.remove_rules.push(r);
+        }
+    }
+    ch
+}
+
+/// Everything the agent added goes: its routes, its rule and its overlay link.
+pub fn uninstall(installed: &State, own: Ownership) -> Changes {
     Changes {
-        add_routes: desired
-            .routes
-            .difference(&installed.routes)
-            .cloned()
-            .collect(),
+        delete_overlay: installed.overlay.is_some(),
+        create_overlay: None,
+        replace_routes: Vec::new(),
         remove_routes: installed
             .routes
-            .iter()
-            .filter(mine_r)
-            .filter(|r| {
-                !desired
-                    .routes
-                    .iter()
-                    .any(|d| d.table == r.table && d.destination == r.destination)
-            })
+            .values()
+            .filter(|r| r.table == own.table && r.protocol == own.protocol)
             .cloned()
             .collect(),
-        add_rules: desired
-            .rules
-            .difference(&installed.rules)
-            .cloned()
-            .collect(),
+        add_rules: Vec::new(),
         remove_rules: installed
             .rules
             .iter()
-            .filter(mine_u)
-            .filter(|r| !desired.rules.contains(*r))
-            .cloned()
+            .filter(|r| {
+                r.priority == own.rule_priority
+                    && r.table == own.table
+                    && r.protocol == own.protocol
+            })
+            .copied()
             .collect(),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn view(active: bool, gw: Option<&str>, cidrs: &[&str]) -> ClusterView {
-        ClusterView {
-            this_node_is_active_gateway: active,
-            active_gateway_overlay_ip: gw.map(|g| g.parse().unwrap()),
-            remote_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            tunnel_device: "cl0".into(),
-            overlay_device: "clvx0".into(),
-            tunnel_mtu: 1420,
-        }
-    }
-
-    #[test]
-    fn gateway_node_routes_into_the_tunnel_others_via_the_overlay() {
-        let own = Ownership::default();
-        let gw = desired(&view(true, None, &["10.2.0.0/16", "10.102.0.0/16"]), own);
-        assert_eq!(gw.routes.len(), 2);
-        assert!(
-            gw.routes
-                .iter()
-                .all(|r| r.next_hop == NextHop::Device("cl0".into()) && r.mtu == 1420)
-        );
-        let worker = desired(&view(false, Some("240.0.0.1"), &["10.2.0.0/16"]), own);
-        let r = worker.routes.iter().next().unwrap();
-        assert_eq!(
-            r.next_hop,
-            NextHop::Via("240.0.0.1".parse().unwrap(), "clvx0".into())
-        );
-        assert_eq!((r.table, r.protocol), (211, 211));
-        assert_eq!(worker.rules.len(), 1);
-        // No active gateway: no routes, rules kept.
-        let none = desired(&view(false, None, &["10.2.0.0/16"]), own);
-        assert!(none.routes.is_empty());
-        assert_eq!(none.rules.len(), 1);
-    }
-
-    #[test]
-    fn diff_adds_removes_and_never_touches_what_it_does_not_own() {
-        let own = Ownership::default();
-        let before = desired(
-            &view(false, Some("240.0.0.1"), &["10.2.0.0/16", "10.3.0.0/16"]),
-            own,
-        );
-        let mut installed = before.clone();
-        // Someone else's route in another table, and one of ours deleted by hand.
-        let foreign = Route {
-            destination: "10.9.0.0/16".parse().unwrap(),
-            next_hop: NextHop::Device("eth0".into()),
-            mtu: 1500,
-            table: 254,
-            protocol: 4,
-        };
-        installed.routes.insert(foreign.clone());
-        let deleted = installed
-            .routes
-            .iter()
-            .find(|r| r.destination.to_string() == "10.2.0.0/16")
-            .unwrap()
-            .clone();
-        installed.routes.remove(&deleted);
-        // Cluster 3 leaves and the active gateway moves.
-        let after = desired(&view(false, Some("240.0.0.2"), &["10.2.0.0/16"]), own);
-        let ch = diff(&installed, &after, own);
-        assert_eq!(
-            ch.add_routes.len(),
-            1,
-            "10.2/16 re-pointed (and restored), as one replace"
-        );
-        assert_eq!(
-            ch.add_routes[0].next_hop,
-            NextHop::Via("240.0.0.2".parse().unwrap(), "clvx0".into())
-        );
-        assert_eq!(
-            ch.remove_routes.len(),
-            1,
-            "10.3/16 via the old gateway goes"
-        );
-        assert!(
-            !ch.remove_routes.contains(&foreign),
-            "never removes what it does not own"
-        );
-        assert_eq!(ch.remove_rules.len(), 1);
-        // A route whose next hop changed is replaced, not removed.
-        let repointed = desired(&view(false, Some("240.0.0.9"), &["10.2.0.0/16"]), own);
-        let ch2 = diff(&after, &repointed, own);
-        assert_eq!((ch2.add_routes.len(), ch2.remove_routes.len()), (1, 0));
-        // Applied (replace semantics), nothing is left to do.
-        let mut now = installed.clone();
-        for r in &ch.remove_routes {
-            now.routes.remove(r);
-        }
-        for r in &ch.add_routes {
-            now.routes
-                .retain(|i| !(i.table == r.table && i.destination == r.destination));
-            now.routes.insert(r.clone());
-        }
-        for r in &ch.remove_rules {
-            now.rules.remove(r);
-        }
-        now.rules.extend(ch.add_rules.iter().cloned());
-        assert!(diff(&now, &after, own).is_empty());
-    }
-}
+mod tests;

@@ -40,9 +40,6 @@ pub struct GatewayRunArgs {
     /// Tunnel MTU: the underlay's MTU less WireGuard's 80 bytes (IPv6 underlay).
     #[arg(long, default_value_t = 1420)]
     pub mtu: u16,
-    /// Do not route remote CIDRs into the tunnel device (leave it to the route agent).
-    #[arg(long)]
-    pub no_routes: bool,
 }
 
 pub async fn run(c: GatewayCommand) -> Result<()> {
@@ -57,7 +54,6 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
                 tun_name: a.tun_name,
                 tunnel_ip: a.tunnel_ip,
                 mtu: a.mtu,
-                program_routes: !a.no_routes,
             };
             run_gateway(config, shutdown_signal())
                 .await

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_e2e::lab::{LAB_PREFIX, LabState};
 use clusterlink_e2e::netns::{ip, sweep_stale};
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, Testbed};
+use clusterlink_e2e::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
 
 use crate::output::{Format, Tabular, print, render};
@@ -23,8 +23,8 @@ pub enum LabCommand {
     Up(UpArgs),
     /// What the lab is made of, and its tunnels.
     Status(StatusArgs),
-    /// Run a command on a lab node: `lab exec CLUSTER NODE -- CMD…` (NODE e.g. gw0), or
-    /// `lab exec broker -- CMD…`.
+    /// Run a command in a lab pod or node: `lab exec CLUSTER POD|NODE -- CMD…` (e.g.
+    /// `w1-pod`, `gw0-pod`, `w1`, `gw0`), or `lab exec broker -- CMD…`.
     Exec(ExecArgs),
     /// Stop every lab process and remove every lab namespace.
     Down(DirArg),
@@ -47,6 +47,9 @@ pub struct UpArgs {
     pub clusters: u8,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
     pub gateways_per_cluster: u8,
+    /// Worker nodes per cluster (besides the gateway nodes), each with a pod.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub workers_per_cluster: u8,
     /// Put this cluster behind NAT (repeatable).
     #[arg(long)]
     pub nat: Vec<String>,
@@ -66,7 +69,7 @@ pub struct StatusArgs {
 pub struct ExecArgs {
     /// A cluster name, or `broker`.
     pub target: String,
-    /// A node of the cluster (gw0, or its full name).
+    /// A pod or node of the cluster (`w1-pod`, `gw0`, or the full name `east-w1-pod`).
     pub node: Option<String>,
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -158,6 +161,7 @@ fn up(a: UpArgs) -> Result<()> {
         .map(|n| ClusterSpec {
             name: n.clone(),
             gateways: a.gateways_per_cluster as usize,
+            workers: a.workers_per_cluster as usize,
             nat: a.nat.contains(n),
         })
         .collect();
@@ -169,7 +173,10 @@ fn up(a: UpArgs) -> Result<()> {
     progress("waiting for every tunnel");
     lab.wait_connected(Duration::from_secs(60))
         .context("Not every tunnel came up; see the logs")?;
-    progress("checking reachability between every pair of clusters");
+    progress("waiting for every node's routes");
+    lab.wait_routes(Duration::from_secs(30))
+        .context("Not every route agent programmed its routes; see the logs")?;
+    progress("checking pod-to-pod reachability between every pair of clusters");
     let matrix = reachability(&lab.state);
     std::fs::create_dir_all(&a.dir.lab_dir)?;
     std::fs::write(
@@ -178,7 +185,7 @@ fn up(a: UpArgs) -> Result<()> {
     )?;
     let failed = matrix.iter().filter(|r| !r.ok).count();
     print(&describe(&lab.state));
-    print("\nReachability (gateway node to gateway node, through the tunnels):\n");
+    print("\nReachability (pod on a worker node to pod on a worker node, across clusters):\n");
     print(&render(&matrix, Format::Table)?);
     print("\nTunnels:\n");
     print(&connections_table(&lab.state)?);
@@ -193,7 +200,7 @@ fn up(a: UpArgs) -> Result<()> {
     }
     lab.bed.release();
     print(
-        "\nThe lab is up. `clusterlink lab status`, `clusterlink lab exec east gw0 -- ping 10.2.255.1`, `clusterlink lab down`.\n",
+        "\nThe lab is up. `clusterlink lab status`, `clusterlink lab exec east w1-pod -- ping 10.2.101.10`, `clusterlink lab down`.\n",
     );
     Ok(())
 }
@@ -221,19 +228,28 @@ impl Tabular for Reach {
 }
 
 fn reachability(state: &LabState) -> Vec<Reach> {
+    let worker_pod = |c: &clusterlink_e2e::lab::LabCluster| {
+        c.nodes
+            .iter()
+            .find(|n| n.node.role == Role::Worker)
+            .unwrap_or(&c.nodes[0])
+            .node
+            .pod
+            .clone()
+    };
     let mut out = Vec::new();
     for from in &state.clusters {
+        let src = worker_pod(from);
         for to in state.clusters.iter().filter(|t| t.name != from.name) {
-            let src = &from.gateways[0];
-            let dst = to.gateways[0].tunnel_ip.to_string();
-            let ns = Netns {
-                name: src.namespace.clone(),
-            };
-            let ok = ns.exec("ping", &["-c1", "-W2", &dst]).is_ok();
+            let dst = worker_pod(to);
+            let ok = src
+                .ns()
+                .exec("ping", &["-c1", "-W2", &dst.address.to_string()])
+                .is_ok();
             out.push(Reach {
-                from: src.node.clone(),
-                to: to.gateways[0].node.clone(),
-                address: dst,
+                from: src.name.clone(),
+                to: dst.name.clone(),
+                address: dst.address.to_string(),
                 ok,
             });
         }
@@ -265,6 +281,20 @@ fn describe(state: &LabState) -> String {
             s.push_str(&format!(
                 "    gateway {:<12} underlay {:<14} tunnel {:<12} namespace {}\n",
                 g.node, g.underlay, g.tunnel_ip, g.namespace
+            ));
+        }
+        for n in &c.nodes {
+            s.push_str(&format!(
+                "    {:<7} {:<12} underlay {:<14} pod {} {} (namespace {})\n",
+                match n.node.role {
+                    Role::Gateway => "node",
+                    Role::Worker => "worker",
+                },
+                n.node.name,
+                n.node.underlay,
+                n.node.pod.name,
+                n.node.pod.address,
+                n.node.pod.namespace
             ));
         }
     }
@@ -323,23 +353,30 @@ fn exec(a: ExecArgs) -> Result<()> {
                         .join(", ")
                 )
             })?;
-        let node = a.node.clone().unwrap_or_else(|| "gw0".into());
-        c.gateways
+        let want = a.node.clone().unwrap_or_else(|| "gw0".into());
+        let full = |n: &str| n == want || n == format!("{}-{want}", c.name);
+        c.nodes
             .iter()
-            .find(|g| g.node == node || g.node == format!("{}-{node}", c.name))
+            .find_map(|n| {
+                if full(&n.node.name) {
+                    Some(n.node.namespace.clone())
+                } else if full(&n.node.pod.name) {
+                    Some(n.node.pod.namespace.clone())
+                } else {
+                    None
+                }
+            })
             .with_context(|| {
                 format!(
-                    "No node {node:?} in cluster {}; its nodes are {}",
+                    "No pod or node {want:?} in cluster {}; there are {}",
                     c.name,
-                    c.gateways
+                    c.nodes
                         .iter()
-                        .map(|g| g.node.as_str())
+                        .flat_map(|n| [n.node.pod.name.as_str(), n.node.name.as_str()])
                         .collect::<Vec<_>>()
                         .join(", ")
                 )
             })?
-            .namespace
-            .clone()
     };
     let status = std::process::Command::new("ip")
         .args(["netns", "exec", &ns])
@@ -374,15 +411,7 @@ fn down(dir: &DirArg) -> Result<()> {
     };
     let state: LabState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a lab state file", path.display()))?;
-    let pids: Vec<u32> = std::iter::once(state.broker_pid)
-        .chain(
-            state
-                .clusters
-                .iter()
-                .flat_map(|c| c.gateways.iter().map(|g| g.pid)),
-        )
-        .collect();
-    for pid in pids {
+    for pid in state.pids() {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,

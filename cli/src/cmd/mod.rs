@@ -4,6 +4,7 @@ pub mod broker;
 pub mod gateway;
 pub mod join;
 pub mod lab;
+pub mod route_agent;
 pub mod show;
 
 use std::future::Future;
