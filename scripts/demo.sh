@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: build clusterlink, bring up a three-cluster lab on the embedded broker store
-# (network namespaces on this host; one cluster behind NAT), verify that every tunnel is up
-# and every gateway reaches every other through them, show the tunnels, and remove the lab.
+# (network namespaces on this host; one cluster behind NAT; a gateway and a worker node per
+# cluster, a pod on each), verify that every tunnel is up and that the pod on every worker
+# node reaches the pods on the other clusters' worker nodes, show the tunnels, and remove it.
 # Needs root. Nothing is changed in the host's own network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,14 +15,16 @@ cleanup() { "$bin" lab down >/dev/null 2>&1 || true; }
 trap cleanup EXIT INT TERM
 "$bin" lab down >/dev/null 2>&1 || true
 
-# `lab up` fails (and removes what it built) unless every tunnel connects and every pair of
-# clusters reaches each other.
+# `lab up` fails (and removes what it built) unless every tunnel connects, every node has its
+# routes and every pair of clusters' worker pods reach each other.
 "$bin" lab up --clusters 3 --nat north
 echo "--- lab status:"
 "$bin" lab status
-echo "--- a ping from east's gateway node to west's, through the tunnel:"
-"$bin" lab exec east gw0 -- ping -c 3 10.2.255.1
+echo "--- a ping from the pod on east's worker node to the pod on north's (behind NAT):"
+"$bin" lab exec east w1-pod -- ping -c 3 10.3.101.10
+echo "--- the route agent's routes on east's worker node:"
+"$bin" lab exec east w1 -- ip route show table 211
 "$bin" lab down
 left=$(ip netns list | grep -c '^cllab-' || true)
 [ "$left" = 0 ] || { echo "FAIL: $left lab namespaces left behind" >&2; exit 1; }
-echo "OK: 3 clusters, all tunnels up, full reachability; lab removed"
+echo "OK: 3 clusters, all tunnels up, full pod-to-pod reachability; lab removed"

@@ -81,13 +81,15 @@ pub fn follow(creds: Credentials) -> watch::Receiver<Option<ClusterSet>> {
             tokio::select! {
                 _ = out.closed() => break,
                 next = updates.recv() => {
-                    let Some((kind, update)) = next else { break };
-                    have_clusters |= kind == Kind::Clusters;
-                    have_gateways |= kind == Kind::Gateways;
-                    let mut changed = set.apply(kind, update);
+                    let Some(first) = next else { break };
+                    let mut changed = false;
                     // Take whatever else is queued before telling anyone.
-                    while let Ok((kind, update)) = updates.try_recv() {
+                    let mut next = Some(first);
+                    while let Some((kind, update)) = next {
+                        have_clusters |= kind == Kind::Clusters;
+                        have_gateways |= kind == Kind::Gateways;
                         changed |= set.apply(kind, update);
+                        next = updates.try_recv().ok();
                     }
                     if changed && have_clusters && have_gateways {
                         out.send_replace(Some(set.clone()));
@@ -106,6 +108,7 @@ async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)
     let mut backoff = Duration::from_millis(200);
     loop {
         let result: Result<(), String> = async {
+            debug!(?kind, "connecting to the broker");
             let mut client = connect_with(&creds).await.map_err(|e| e.to_string())?;
             let list = client
                 .list(proto::ListRequest {
@@ -131,6 +134,7 @@ async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)
                 .map_err(|s| s.message().to_owned())?
                 .into_inner();
             backoff = Duration::from_millis(200);
+            debug!(?kind, revision = list.revision, "listed; watching");
             while let Some(msg) = stream.message().await.map_err(|s| s.message().to_owned())? {
                 if msg.relist_required {
                     return Ok(());

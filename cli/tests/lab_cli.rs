@@ -61,12 +61,12 @@ fn lab_up_status_exec_down() {
         &[
             "exec",
             "east",
-            "gw0",
+            "w1-pod",
             "--",
             "ping",
             "-c1",
             "-W2",
-            "10.3.255.1",
+            "10.3.101.10",
         ],
     );
     assert!(

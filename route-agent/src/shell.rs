@@ -110,19 +110,26 @@ pub async fn run(
             changed = view.changed() => {
                 if changed.is_err() { break; }
                 set = view.borrow_and_update().clone();
+                debug!(clusters = set.as_ref().map(|s| s.clusters.len()), "cluster set changed");
             }
             Some((msg, _)) = events.next() => {
                 reread |= concerns_us(&msg.payload, own, &installed);
-                // Take the rest of a burst (our own changes come as one) before acting.
-                while let Ok(Some((msg, _))) = tokio::time::timeout(Duration::from_millis(5), events.next()).await {
+                // Take the rest of a burst (our own changes come as one) before acting, for
+                // at most 100 ms.
+                let until = tokio::time::Instant::now() + Duration::from_millis(100);
+                let mut n = 1;
+                while let Ok(Some((msg, _))) = tokio::time::timeout_at(until.min(tokio::time::Instant::now() + Duration::from_millis(5)), events.next()).await {
                     reread |= concerns_us(&msg.payload, own, &installed);
+                    n += 1;
                 }
+                debug!(events = n, reread, "kernel notifications");
             }
             _ = resync.tick() => reread = true,
         }
         // Nothing is touched until the broker's view has arrived once.
         let Some(set) = &set else { continue };
         if reread {
+            debug!("reading the node's routes");
             match kernel.read().await {
                 Ok((i, f)) => (installed, facts, reread) = (i, f, false),
                 Err(e) => {

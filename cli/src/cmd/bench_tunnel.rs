@@ -67,12 +67,18 @@ impl Tabular for PathResult {
 }
 
 #[allow(clippy::print_stderr)]
-fn progress(s: &str) {
+pub(crate) fn progress(s: &str) {
     eprintln!("benchmark: {s}");
 }
 
 /// One TCP stream for `seconds`; Gbit/s received.
-fn iperf(client: &Netns, server: &Netns, bed: &Testbed, addr: &str, seconds: u32) -> Result<f64> {
+pub(crate) fn iperf(
+    client: &Netns,
+    server: &Netns,
+    bed: &Testbed,
+    addr: &str,
+    seconds: u32,
+) -> Result<f64> {
     let pid = bed.spawn(
         server,
         &format!("iperf3-{addr}"),
@@ -95,7 +101,7 @@ fn iperf(client: &Netns, server: &Netns, bed: &Testbed, addr: &str, seconds: u32
 }
 
 /// Average RTT in ms over 200 pings, 10 ms apart.
-fn rtt(client: &Netns, addr: &str) -> Result<f64> {
+pub(crate) fn rtt(client: &Netns, addr: &str) -> Result<f64> {
     let out = client.exec("ping", &["-q", "-c", "200", "-i", "0.01", "-W", "1", addr])?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     // rtt min/avg/max/mdev = a/b/c/d ms
@@ -256,6 +262,26 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
                 "--key-file",
                 &dir.join(format!("{id}.key")).display().to_string(),
                 "--tun-name",
+                "cl0",
+            ],
+        )?;
+        // The route agent puts the other side's CIDRs into the tunnel device.
+        bed.spawn(
+            ns,
+            &format!("agent-{id}"),
+            &bin,
+            &[
+                "--log",
+                "warn",
+                "route-agent",
+                "run",
+                "--credentials",
+                &creds,
+                "--node",
+                &format!("{id}-gw0"),
+                "--node-ip",
+                &format!("10.99.0.{}", i + 1),
+                "--tunnel-device",
                 "cl0",
             ],
         )?;

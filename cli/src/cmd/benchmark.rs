@@ -30,6 +30,9 @@ pub enum BenchmarkCommand {
     Broker(BrokerBenchArgs),
     /// Tunnel throughput and RTT: veth, clusterlink, wireguard-go, boringtun-cli (root).
     Tunnel(super::bench_tunnel::TunnelBenchArgs),
+    /// Route agent: programming N remote CIDRs and a one-route change; pod-to-pod next to
+    /// gateway-to-gateway throughput across two lab clusters (root).
+    Routes(super::bench_routes::RoutesBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -119,6 +122,9 @@ pub async fn run(c: BenchmarkCommand) -> Result<()> {
         BenchmarkCommand::Broker(a) => broker(a).await,
         BenchmarkCommand::Tunnel(a) => {
             tokio::task::spawn_blocking(move || super::bench_tunnel::run_tunnel_bench(a)).await?
+        }
+        BenchmarkCommand::Routes(a) => {
+            tokio::task::spawn_blocking(move || super::bench_routes::run_routes_bench(a)).await?
         }
     }
 }
