@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use clusterlink_api::{ClusterId, GatewayEndpoint, GatewayRole, NodeName};
 use clusterlink_broker::follow::ClusterSet;
@@ -91,9 +92,9 @@ pub struct Overlay {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NextHop {
     /// Out of this device, no gateway (the tunnel device on the gateway node).
-    Device(String),
+    Device(Arc<str>),
     /// Via this address on this device (the overlay toward the gateway node).
-    Via(Ipv4Addr, String),
+    Via(Ipv4Addr, Arc<str>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -165,20 +166,20 @@ pub fn desired(
     own: Ownership,
 ) -> Desired {
     let mut out = Desired::default();
-    let mut remote: BTreeSet<Ipv4Net> = BTreeSet::new();
+    let mut remote: Vec<Ipv4Net> = Vec::new();
     for (id, c) in &set.clusters {
         if id == &config.cluster {
             continue;
         }
         for net in c.pod_cidrs.iter().chain(c.service_cidrs.iter()) {
             match net {
-                IpNet::V4(v4) => {
-                    remote.insert(*v4);
-                }
+                IpNet::V4(v4) => remote.push(*v4),
                 IpNet::V6(_) => out.unsupported.push(*net),
             }
         }
     }
+    remote.sort_unstable();
+    remote.dedup();
     let gateway = active_gateway(set, &config.cluster);
     out.active_gateway = gateway.map(|g| g.node.clone());
     let this_is_gateway = gateway.is_some_and(|g| g.node == config.node);
@@ -202,7 +203,7 @@ pub fn desired(
     }];
     let next_hop = if this_is_gateway {
         if facts.links.contains(&config.tunnel_device) {
-            Some(NextHop::Device(config.tunnel_device.clone()))
+            Some(NextHop::Device(config.tunnel_device.as_str().into()))
         } else {
             out.waiting_for = Some("the tunnel device (is the gateway running on this node?)");
             None
@@ -210,7 +211,7 @@ pub fn desired(
     } else if let Some(ip) = gateway_ip {
         Some(NextHop::Via(
             overlay_address(ip),
-            config.overlay_device.clone(),
+            config.overlay_device.as_str().into(),
         ))
     } else if gateway.is_some() {
         out.waiting_for = Some("a gateway with an IPv4 underlay address");
@@ -292,18 +293,33 @@ pub fn diff(installed: &State, desired: &State, own: Ownership) -> Changes {
     let gone_with_overlay = |r: &Route| {
         recreate
             && matches!(&r.next_hop, NextHop::Via(_, dev)
-                if installed.overlay.as_ref().is_some_and(|o| &o.name == dev))
+                if installed.overlay.as_ref().is_some_and(|o| o.name == **dev))
     };
     let mine = |r: &Route| r.table == own.table && r.protocol == own.protocol;
-    for (dst, want) in &desired.routes {
-        match installed.routes.get(dst) {
-            Some(have) if have == want && !gone_with_overlay(have) => {}
-            _ => ch.replace_routes.push(want.clone()),
-        }
-    }
-    for (dst, have) in &installed.routes {
-        if mine(have) && !desired.routes.contains_key(dst) && !gone_with_overlay(have) {
-            ch.remove_routes.push(have.clone());
+    // Both maps are ordered by destination: one pass over the two, side by side.
+    let mut have = installed.routes.iter().peekable();
+    let mut want = desired.routes.iter().peekable();
+    loop {
+        match (have.peek(), want.peek()) {
+            (None, None) => break,
+            (Some((hd, h)), Some((wd, w))) if hd == wd => {
+                if h != w || gone_with_overlay(h) {
+                    ch.replace_routes.push((*w).clone());
+                }
+                have.next();
+                want.next();
+            }
+            (Some((hd, h)), w) if w.is_none_or(|(wd, _)| hd < wd) => {
+                if mine(h) && !gone_with_overlay(h) {
+                    ch.remove_routes.push((*h).clone());
+                }
+                have.next();
+            }
+            (_, Some((_, w))) => {
+                ch.replace_routes.push((*w).clone());
+                want.next();
+            }
+            (Some(_), None) => unreachable!("handled above"),
         }
     }
     let own_rule = |r: &&Rule| {

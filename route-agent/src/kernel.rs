@@ -483,8 +483,8 @@ fn route_of(m: &RouteMessage, by_index: &BTreeMap<u32, String>) -> Option<Route>
     Some(Route {
         destination,
         next_hop: match gw {
-            Some(g) => NextHop::Via(g, dev),
-            None => NextHop::Device(dev),
+            Some(g) => NextHop::Via(g, dev.into()),
+            None => NextHop::Device(dev.into()),
         },
         mtu,
         source,

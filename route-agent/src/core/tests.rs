@@ -69,7 +69,7 @@ fn apply(mut s: State, ch: &Changes) -> State {
         && let Some(o) = s.overlay.take()
     {
         s.routes
-            .retain(|_, r| !matches!(&r.next_hop, NextHop::Via(_, d) if *d == o.name));
+            .retain(|_, r| !matches!(&r.next_hop, NextHop::Via(_, d) if **d == *o.name));
     }
     if let Some(o) = &ch.create_overlay {
         s.overlay = Some(o.clone());
