@@ -7,6 +7,7 @@
 pub mod error;
 pub mod ids;
 pub mod keys;
+pub mod mcs;
 pub mod net;
 pub mod records;
 

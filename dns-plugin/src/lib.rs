@@ -1,1 +1,7 @@
-//! placeholder
+//! The DNS plugin: answers `clusterset.local` names for services exported with the
+//! Kubernetes MCS API from any cluster.
+//!
+//! - [`answer`]: the zone's answers from the broker's service records and the local
+//!   gateway's live tunnels, without I/O or clock.
+
+pub mod answer;
