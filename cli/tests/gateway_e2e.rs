@@ -237,39 +237,20 @@ fn interoperates_with_wireguard_go() {
     ])
     .unwrap();
     // Tell the broker b's gateway now has wireguard-go's key.
-    let creds =
-        clusterlink_broker::client::Credentials::read(&lab.state.clusters[1].credentials).unwrap();
     let public: [u8; 32] = base64_decode(go_public.trim());
-    let (node, underlay) = (b.node.clone(), b.underlay);
-    b_ns.run_in(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let mut c = clusterlink_broker::client::connect_with(&creds)
-                    .await
-                    .unwrap();
-                let record = clusterlink_api::Record::Gateway(clusterlink_api::GatewayEndpoint {
-                    cluster: "b".parse().unwrap(),
-                    node: node.parse().unwrap(),
-                    public_key: public,
-                    private_addr: underlay.into(),
-                    public_addr: None,
-                    port: 51820,
-                    role: clusterlink_api::GatewayRole::Active,
-                    generation: 99,
-                });
-                c.publish(clusterlink_api::proto::PublishRequest {
-                    record: Some(record.into()),
-                    lease_id: 0,
-                    expected_revision: 0,
-                    create_only: false,
-                })
-                .await
-                .unwrap();
-            })
-    })
+    lab.publish_gateway(
+        1,
+        clusterlink_api::GatewayEndpoint {
+            cluster: "b".parse().unwrap(),
+            node: b.node.parse().unwrap(),
+            public_key: public,
+            private_addr: b.underlay.into(),
+            public_addr: None,
+            port: 51820,
+            role: clusterlink_api::GatewayRole::Active,
+            generation: 99,
+        },
+    )
     .unwrap();
     let a_ns = lab.gateway_ns(0, 0);
     wait_until("a reaches wireguard-go", Duration::from_secs(20), || {

@@ -276,55 +276,17 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
 
     // The active gateway moves (a gateway node that sorts first appears): the overlay and
     // every route re-point to it; when it goes, they point back.
-    let creds =
-        clusterlink_broker::client::Credentials::read(&lab.state.clusters[0].credentials).unwrap();
-    let gw_ns = lab.gateway_ns(0, 0);
-    let publish = |present: bool| {
-        let creds = creds.clone();
-        gw_ns
-            .run_in(move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(async move {
-                        let mut c = clusterlink_broker::client::connect_with(&creds)
-                            .await
-                            .unwrap();
-                        if present {
-                            let record = clusterlink_api::Record::Gateway(
-                                clusterlink_api::GatewayEndpoint {
-                                    cluster: "a".parse().unwrap(),
-                                    node: "a-gw".parse().unwrap(),
-                                    public_key: [9; 32],
-                                    private_addr: "172.31.1.50".parse().unwrap(),
-                                    public_addr: None,
-                                    port: 51820,
-                                    role: clusterlink_api::GatewayRole::Active,
-                                    generation: 1,
-                                },
-                            );
-                            c.publish(clusterlink_api::proto::PublishRequest {
-                                record: Some(record.into()),
-                                lease_id: 0,
-                                expected_revision: 0,
-                                create_only: false,
-                            })
-                            .await
-                            .unwrap();
-                        } else {
-                            c.withdraw(clusterlink_api::proto::WithdrawRequest {
-                                kind: clusterlink_api::proto::Kind::Gateways as i32,
-                                name: "a-gw".into(),
-                            })
-                            .await
-                            .unwrap();
-                        }
-                    })
-            })
-            .unwrap()
+    let stand_in = clusterlink_api::GatewayEndpoint {
+        cluster: "a".parse().unwrap(),
+        node: "a-gw".parse().unwrap(),
+        public_key: [9; 32],
+        private_addr: "172.31.1.50".parse().unwrap(),
+        public_addr: None,
+        port: 51820,
+        role: clusterlink_api::GatewayRole::Active,
+        generation: 1,
     };
-    publish(true);
+    lab.publish_gateway(0, stand_in).unwrap();
     wait_until(
         "routes via the new gateway",
         Duration::from_secs(10),
@@ -341,7 +303,7 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     )
     .into_owned();
     assert!(link.contains("remote 172.31.1.50 "), "{link}");
-    publish(false);
+    lab.withdraw_gateway(0, "a-gw").unwrap();
     wait_until("routes back via a-gw0", Duration::from_secs(10), || {
         let r = our_routes(&ns);
         r.len() == 4 && r.iter().all(|l| l.contains("via 240.31.1.2 "))

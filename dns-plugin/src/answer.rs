@@ -94,6 +94,15 @@ impl View {
         }
     }
 
+    /// One cluster's record of a service.
+    fn record(&self, ns: &str, svc: &str, cluster: &str) -> Option<&ServiceRecord> {
+        self.services
+            .get(&(ns.to_owned(), svc.to_owned()))?
+            .iter()
+            .find(|(c, _)| c.as_str() == cluster)
+            .map(|(_, r)| r)
+    }
+
     fn healthy(&self, r: &ServiceRecord) -> bool {
         r.ready && (self.local.as_ref() == Some(&r.cluster) || self.live.contains_key(&r.cluster))
     }
@@ -245,15 +254,7 @@ pub fn answer(
             }
         }
         ["svc", ns, svc, cluster] => {
-            let Some(r) = view
-                .services
-                .get(&(ns.to_string(), svc.to_string()))
-                .and_then(|m| {
-                    m.iter()
-                        .find(|(c, _)| c.as_str() == *cluster)
-                        .map(|(_, r)| r)
-                })
-            else {
+            let Some(r) = view.record(ns, svc, cluster) else {
                 return Answer::NxDomain;
             };
             if !view.healthy(r) {
@@ -262,15 +263,7 @@ pub fn answer(
             records_or_nodata(ips_of(addresses(r), qtype))
         }
         ["svc", ns, svc, cluster, host] => {
-            let Some(r) = view
-                .services
-                .get(&(ns.to_string(), svc.to_string()))
-                .and_then(|m| {
-                    m.iter()
-                        .find(|(c, _)| c.as_str() == *cluster)
-                        .map(|(_, r)| r)
-                })
-            else {
+            let Some(r) = view.record(ns, svc, cluster) else {
                 return Answer::NxDomain;
             };
             let endpoints: Vec<IpAddr> = r
@@ -292,10 +285,10 @@ pub fn answer(
 }
 
 impl Answer {
-    /// `_<port>.<svc>.<ns>.svc` exists (an empty non-terminal above the SRV names) when the
-    /// service has a port of that name.
+    /// `_<proto>.<svc>.<ns>.svc` exists (an empty non-terminal above the SRV names) when the
+    /// service has a port of that protocol.
     fn or_srv_parent(self, view: &View, ns: &str, svc: &str, label: &str) -> Answer {
-        let port = &label[1..];
+        let proto = &label[1..];
         let exists = view
             .services
             .get(&(ns.to_owned(), svc.to_owned()))
@@ -303,7 +296,7 @@ impl Answer {
                 m.values().any(|r| {
                     r.ports
                         .iter()
-                        .any(|p| p.protocol.eq_ignore_ascii_case(port))
+                        .any(|p| p.protocol.eq_ignore_ascii_case(proto))
                 })
             });
         if exists { Answer::NoData } else { self }

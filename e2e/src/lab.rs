@@ -383,6 +383,76 @@ impl Lab {
         Ok(())
     }
 
+    /// Publishes a gateway endpoint as cluster `cluster` (with its credentials, from its
+    /// first node, without a lease), as a gateway would: for tests that stand in for one.
+    pub fn publish_gateway(
+        &self,
+        cluster: usize,
+        record: clusterlink_api::GatewayEndpoint,
+    ) -> Result<(), TestbedError> {
+        let record = clusterlink_api::Record::Gateway(record);
+        self.as_cluster(cluster, move |mut client| async move {
+            client
+                .publish(clusterlink_api::proto::PublishRequest {
+                    record: Some(record.into()),
+                    lease_id: 0,
+                    expected_revision: 0,
+                    create_only: false,
+                })
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Withdraws cluster `cluster`'s gateway endpoint of node `node`.
+    pub fn withdraw_gateway(&self, cluster: usize, node: &str) -> Result<(), TestbedError> {
+        let name = node.to_owned();
+        self.as_cluster(cluster, move |mut client| async move {
+            client
+                .withdraw(clusterlink_api::proto::WithdrawRequest {
+                    kind: clusterlink_api::proto::Kind::Gateways as i32,
+                    name,
+                })
+                .await
+                .map(|_| ())
+        })
+    }
+
+    /// Runs one broker call with cluster `cluster`'s credentials, from its first node.
+    fn as_cluster<F, Fut>(&self, cluster: usize, call: F) -> Result<(), TestbedError>
+    where
+        F: FnOnce(
+                clusterlink_api::proto::broker_client::BrokerClient<tonic::transport::Channel>,
+            ) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+    {
+        let c = &self.state.clusters[cluster];
+        let err = |stderr: String| TestbedError::Command {
+            command: format!("a broker call as cluster {}", c.name),
+            stderr,
+        };
+        let creds = clusterlink_broker::client::Credentials::read(&c.credentials)
+            .map_err(|e| err(e.to_string()))?;
+        c.nodes[0]
+            .node
+            .ns()
+            .run_in(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(async move {
+                    let client = clusterlink_broker::client::connect_with(&creds)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    call(client).await.map_err(|s| s.message().to_owned())
+                })
+            })?
+            .map_err(err)
+    }
+
     pub fn gateway_ns(&self, cluster: usize, k: usize) -> Netns {
         ns(&self.state.clusters[cluster].gateways[k].namespace)
     }
