@@ -1,24 +1,29 @@
-//! Following the broker: list, then watch, the clusters and the gateway endpoints, and keep
-//! a local copy of them. Reconnects with backoff and relists when the broker says so; the
-//! last copy stays valid through a broker outage. Used by every component that acts on the
-//! cluster set (gateways, route agents).
+//! Following the broker: list, then watch, the kinds of record a component needs (clusters,
+//! gateway endpoints, services, connection status), and keep a local copy of them.
+//! Reconnects with backoff and relists when the broker says so; the last copy stays valid
+//! through a broker outage. Used by every component that acts on the cluster set (gateways,
+//! route agents, DNS plugins).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use clusterlink_api::{
-    Cluster, ClusterId, GatewayEndpoint, Kind, NodeName, Record, RecordKey, proto,
+    Cluster, ClusterId, ConnectionStatus, DnsLabel, GatewayEndpoint, Kind, NodeName, Record,
+    RecordKey, ServiceRecord, proto,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use crate::client::{Credentials, connect_with};
 
-/// The clusters and the gateway endpoints, as last seen.
+/// The records followed, as last seen (kinds not followed stay empty).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterSet {
     pub clusters: BTreeMap<ClusterId, Cluster>,
     pub gateways: BTreeMap<(ClusterId, NodeName), GatewayEndpoint>,
+    pub services: BTreeMap<(ClusterId, DnsLabel, DnsLabel), ServiceRecord>,
+    /// (from cluster, to cluster, to node) -> status.
+    pub connections: BTreeMap<(ClusterId, ClusterId, NodeName), ConnectionStatus>,
 }
 
 /// What one list+watch delivers.
@@ -29,7 +34,7 @@ enum Update {
 }
 
 impl ClusterSet {
-    fn apply(&mut self, kind: Kind, update: Update) -> bool {
+    fn apply(&mut self, kind: Kind, update: Update) {
         match (kind, update) {
             (Kind::Clusters, Update::Reset(rs)) => {
                 self.clusters = rs
@@ -49,6 +54,53 @@ impl ClusterSet {
                     })
                     .collect();
             }
+            (Kind::Services, Update::Reset(rs)) => {
+                self.services = rs
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Record::Service(s) => {
+                            Some(((s.cluster.clone(), s.namespace.clone(), s.name.clone()), s))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+            }
+            (Kind::Connections, Update::Reset(rs)) => {
+                self.connections = rs
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        Record::Connection(c) => Some((
+                            (
+                                c.from_cluster.clone(),
+                                c.to_cluster.clone(),
+                                c.to_node.clone(),
+                            ),
+                            c,
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+            }
+            (_, Update::Put(Record::Service(s))) => {
+                self.services
+                    .insert((s.cluster.clone(), s.namespace.clone(), s.name.clone()), s);
+            }
+            (_, Update::Put(Record::Connection(c))) => {
+                self.connections.insert(
+                    (
+                        c.from_cluster.clone(),
+                        c.to_cluster.clone(),
+                        c.to_node.clone(),
+                    ),
+                    c,
+                );
+            }
+            (_, Update::Delete(RecordKey::Service(c, ns, n))) => {
+                self.services.remove(&(c, ns, n));
+            }
+            (_, Update::Delete(RecordKey::Connection(f, t, n))) => {
+                self.connections.remove(&(f, t, n));
+            }
             (_, Update::Put(Record::Cluster(c))) => {
                 self.clusters.insert(c.cluster.id.clone(), c.cluster);
             }
@@ -61,44 +113,45 @@ impl ClusterSet {
             (_, Update::Delete(RecordKey::Gateway(c, n))) => {
                 self.gateways.remove(&(c, n));
             }
-            _ => return false,
         }
-        true
     }
 }
 
-/// Follows the broker until the receiver is dropped. The value is `None` until both lists
-/// have arrived once, then every change (after the first, one per batch of events) is sent.
-pub fn follow(creds: Credentials) -> watch::Receiver<Option<ClusterSet>> {
+/// Follows `kinds` on the broker until the receiver is dropped. The value is `None` until
+/// every kind's list has arrived once; then every change is sent (one per batch of events).
+pub fn follow(creds: Credentials, kinds: &[Kind]) -> watch::Receiver<Option<ClusterSet>> {
     let (out, rx) = watch::channel(None);
+    let kinds: BTreeSet<Kind> = kinds.iter().copied().collect();
     tokio::spawn(async move {
         let (tx, mut updates) = mpsc::channel(256);
-        let clusters = tokio::spawn(reflect(creds.clone(), Kind::Clusters, tx.clone()));
-        let gateways = tokio::spawn(reflect(creds, Kind::Gateways, tx));
+        let reflectors: Vec<_> = kinds
+            .iter()
+            .map(|k| tokio::spawn(reflect(creds.clone(), *k, tx.clone())))
+            .collect();
+        drop(tx);
         let mut set = ClusterSet::default();
-        let (mut have_clusters, mut have_gateways) = (false, false);
+        let mut listed = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = out.closed() => break,
                 next = updates.recv() => {
                     let Some(first) = next else { break };
-                    let mut changed = false;
                     // Take whatever else is queued before telling anyone.
                     let mut next = Some(first);
                     while let Some((kind, update)) = next {
-                        have_clusters |= kind == Kind::Clusters;
-                        have_gateways |= kind == Kind::Gateways;
-                        changed |= set.apply(kind, update);
+                        listed.insert(kind);
+                        set.apply(kind, update);
                         next = updates.try_recv().ok();
                     }
-                    if changed && have_clusters && have_gateways {
+                    if listed == kinds {
                         out.send_replace(Some(set.clone()));
                     }
                 }
             }
         }
-        clusters.abort();
-        gateways.abort();
+        for r in reflectors {
+            r.abort();
+        }
     });
     rx
 }

@@ -35,6 +35,9 @@ enum Command {
     /// Run or uninstall this node's route agent.
     #[command(subcommand)]
     RouteAgent(cmd::route_agent::RouteAgentCommand),
+    /// Run this cluster's DNS plugin (the `clusterset.local` zone).
+    #[command(subcommand)]
+    Dns(cmd::dns::DnsCommand),
     /// Join this cluster to a broker with a broker-info file.
     Join(cmd::join::JoinArgs),
     /// Show what the broker knows.
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Join(a) => cmd::join::run(a).await,
             Command::Gateway(c) => cmd::gateway::run(c).await,
             Command::RouteAgent(c) => cmd::route_agent::run(c).await,
+            Command::Dns(c) => cmd::dns::run(c).await,
             Command::Show(c) => cmd::show::run(c).await,
             Command::Benchmark(c) => cmd::benchmark::run(c).await,
             Command::Lab(c) => cmd::lab::run(c).await,

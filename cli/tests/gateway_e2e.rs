@@ -238,9 +238,9 @@ fn interoperates_with_wireguard_go() {
     .unwrap();
     // Tell the broker b's gateway now has wireguard-go's key.
     let public: [u8; 32] = base64_decode(go_public.trim());
-    lab.publish_gateway(
+    lab.publish(
         1,
-        clusterlink_api::GatewayEndpoint {
+        clusterlink_api::Record::Gateway(clusterlink_api::GatewayEndpoint {
             cluster: "b".parse().unwrap(),
             node: b.node.parse().unwrap(),
             public_key: public,
@@ -249,7 +249,7 @@ fn interoperates_with_wireguard_go() {
             port: 51820,
             role: clusterlink_api::GatewayRole::Active,
             generation: 99,
-        },
+        }),
     )
     .unwrap();
     let a_ns = lab.gateway_ns(0, 0);

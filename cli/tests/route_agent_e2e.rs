@@ -286,7 +286,8 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
         role: clusterlink_api::GatewayRole::Active,
         generation: 1,
     };
-    lab.publish_gateway(0, stand_in).unwrap();
+    lab.publish(0, clusterlink_api::Record::Gateway(stand_in))
+        .unwrap();
     wait_until(
         "routes via the new gateway",
         Duration::from_secs(10),
@@ -303,7 +304,8 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     )
     .into_owned();
     assert!(link.contains("remote 172.31.1.50 "), "{link}");
-    lab.withdraw_gateway(0, "a-gw").unwrap();
+    lab.withdraw(0, clusterlink_api::Kind::Gateways, "a-gw")
+        .unwrap();
     wait_until("routes back via a-gw0", Duration::from_secs(10), || {
         let r = our_routes(&ns);
         r.len() == 4 && r.iter().all(|l| l.contains("via 240.31.1.2 "))

@@ -19,6 +19,8 @@ use crate::topology::{ClusterSpec, Node, Role, Topology};
 pub const BROKER_PORT: u16 = 7443;
 pub const WG_PORT: u16 = 51820;
 pub const TUN: &str = "cl0";
+/// The zone the lab's DNS plugins serve.
+pub const ZONE: &str = "clusterset.local";
 /// The route agents' table (their defaults).
 pub const ROUTE_TABLE: &str = "211";
 /// Namespace prefix of `clusterlink lab` (one lab per host at a time).
@@ -47,6 +49,10 @@ pub struct LabCluster {
     pub gateways: Vec<LabGateway>,
     /// Every node (gateways first), each with its pod and its route agent.
     pub nodes: Vec<LabNode>,
+    /// The cluster's DNS plugin (on its first gateway node, on the pods' side), which every
+    /// pod of the cluster uses as its resolver.
+    pub dns_address: Ipv4Addr,
+    pub dns_pid: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,6 +72,7 @@ impl LabState {
                     .iter()
                     .map(|g| g.pid)
                     .chain(c.nodes.iter().map(|n| n.agent_pid))
+                    .chain([c.dns_pid])
             }))
             .collect()
     }
@@ -202,6 +209,25 @@ impl Lab {
                     agent_pid,
                 });
             }
+            let dns_address = c.nodes[0].pod_side;
+            let dns_pid = bed.spawn(
+                &c.nodes[0].ns(),
+                &format!("{}-dns", c.name),
+                &bin.display().to_string(),
+                &[
+                    "dns",
+                    "run",
+                    "--credentials",
+                    &credentials.display().to_string(),
+                    "--listen",
+                    &format!("{dns_address}:53"),
+                    "--zone",
+                    ZONE,
+                ],
+            )?;
+            for n in &c.nodes {
+                n.pod.ns().set_resolver(dns_address.into(), ZONE)?;
+            }
             clusters.push(LabCluster {
                 name: c.name.clone(),
                 pod_cidr,
@@ -211,6 +237,8 @@ impl Lab {
                 credentials,
                 gateways,
                 nodes,
+                dns_address,
+                dns_pid,
             });
         }
         let state = LabState {
@@ -383,14 +411,13 @@ impl Lab {
         Ok(())
     }
 
-    /// Publishes a gateway endpoint as cluster `cluster` (with its credentials, from its
-    /// first node, without a lease), as a gateway would: for tests that stand in for one.
-    pub fn publish_gateway(
+    /// Publishes a record as cluster `cluster` (with its credentials, from its first node,
+    /// without a lease), for tests that stand in for one of its components.
+    pub fn publish(
         &self,
         cluster: usize,
-        record: clusterlink_api::GatewayEndpoint,
+        record: clusterlink_api::Record,
     ) -> Result<(), TestbedError> {
-        let record = clusterlink_api::Record::Gateway(record);
         self.as_cluster(cluster, move |mut client| async move {
             client
                 .publish(clusterlink_api::proto::PublishRequest {
@@ -404,13 +431,19 @@ impl Lab {
         })
     }
 
-    /// Withdraws cluster `cluster`'s gateway endpoint of node `node`.
-    pub fn withdraw_gateway(&self, cluster: usize, node: &str) -> Result<(), TestbedError> {
-        let name = node.to_owned();
+    /// Withdraws cluster `cluster`'s record of `kind` named `name` (NODE for gateways,
+    /// NAMESPACE/NAME for services).
+    pub fn withdraw(
+        &self,
+        cluster: usize,
+        kind: clusterlink_api::Kind,
+        name: &str,
+    ) -> Result<(), TestbedError> {
+        let name = name.to_owned();
         self.as_cluster(cluster, move |mut client| async move {
             client
                 .withdraw(clusterlink_api::proto::WithdrawRequest {
-                    kind: clusterlink_api::proto::Kind::Gateways as i32,
+                    kind: kind.to_proto() as i32,
                     name,
                 })
                 .await

@@ -67,6 +67,16 @@ pub fn ip(args: &[&str]) -> Result<Output, TestbedError> {
     run(Command::new("ip").args(args))
 }
 
+/// Removes a namespace and its per-namespace files (`/etc/netns/NAME`, which `ip netns
+/// exec` mounts over `/etc`).
+pub fn remove_namespace(name: &str) -> Result<(), TestbedError> {
+    let files = std::path::Path::new("/etc/netns").join(name);
+    if !name.is_empty() && !name.contains('/') {
+        let _ = std::fs::remove_dir_all(files);
+    }
+    ip(&["netns", "del", name]).map(|_| ())
+}
+
 /// A network namespace of the testbed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Netns {
@@ -79,6 +89,27 @@ impl Netns {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
         ip(&all)
+    }
+
+    /// Makes `nameserver` the resolver of programs run in this namespace through `ip netns
+    /// exec` (`/etc/netns/NAME/resolv.conf`, removed with the namespace).
+    pub fn set_resolver(
+        &self,
+        nameserver: std::net::IpAddr,
+        search: &str,
+    ) -> Result<(), TestbedError> {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("resolv.conf"),
+                format!("nameserver {nameserver}\nsearch {search}\noptions ndots:5\n"),
+            )
+        };
+        write().map_err(|source| TestbedError::Spawn {
+            command: format!("write {}/resolv.conf", dir.display()),
+            source,
+        })
     }
 
     /// A command to run inside this namespace.
@@ -312,7 +343,7 @@ impl Drop for Testbed {
             .into_iter()
             .rev()
         {
-            if let Err(e) = ip(&["netns", "del", &ns.name]) {
+            if let Err(e) = remove_namespace(&ns.name) {
                 warn!(namespace = %ns.name, error = %e, "cannot remove namespace");
             }
         }
@@ -334,7 +365,7 @@ pub fn sweep_stale() {
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             debug!(namespace = name, "removing stale namespace");
-            let _ = ip(&["netns", "del", name]);
+            let _ = remove_namespace(name);
         }
     }
 }

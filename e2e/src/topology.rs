@@ -59,6 +59,8 @@ pub struct Node {
     pub underlay: Ipv4Addr,
     /// The node's /24 of the pod CIDR.
     pub pod_subnet: String,
+    /// The node's own address on its pods' link (.1 of the /24).
+    pub pod_side: Ipv4Addr,
     pub pod: Pod,
 }
 
@@ -186,6 +188,7 @@ impl Topology {
                     namespace: ns.name.clone(),
                     underlay,
                     pod_subnet: format!("10.{idx}.{subnet}.0/24"),
+                    pod_side: node_side,
                     pod: Pod {
                         name: pod_name,
                         namespace: pod_ns.name.clone(),

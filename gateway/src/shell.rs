@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clusterlink_api::{
-    ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, NodeName, Record, proto,
+    ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, Kind, NodeName, Record, proto,
 };
 use clusterlink_broker::client::{ClientError, Credentials, connect_with};
 use clusterlink_broker::follow::follow;
@@ -257,7 +257,7 @@ async fn follow_broker(
     local: ClusterId,
     out: watch::Sender<Option<Vec<PeerSpec>>>,
 ) {
-    let mut set = follow(creds);
+    let mut set = follow(creds, &[Kind::Clusters, Kind::Gateways]);
     while set.changed().await.is_ok() {
         let specs = set
             .borrow_and_update()

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use clusterlink_api::{ClusterId, NodeName};
+use clusterlink_api::{ClusterId, Kind, NodeName};
 use clusterlink_broker::client::Credentials;
 use clusterlink_broker::follow::{ClusterSet, follow};
 use futures::StreamExt;
@@ -96,7 +96,10 @@ pub async fn run(
     // Fail early, before waiting for the broker, on what the operator must fix (a foreign
     // link of the overlay's name, no permission).
     let (mut installed, mut facts) = kernel.read().await?;
-    let mut view = follow(config.credentials.clone());
+    let mut view = follow(
+        config.credentials.clone(),
+        &[Kind::Clusters, Kind::Gateways],
+    );
     let mut set: Option<ClusterSet> = None;
     let mut resync = tokio::time::interval(config.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

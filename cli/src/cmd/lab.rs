@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_e2e::lab::{LAB_PREFIX, LabState};
-use clusterlink_e2e::netns::{ip, sweep_stale};
+use clusterlink_e2e::netns::{ip, remove_namespace, sweep_stale};
 use clusterlink_e2e::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
 
@@ -396,8 +396,7 @@ fn down(dir: &DirArg) -> Result<()> {
         // No state, but maybe the namespaces of a lab whose `up` died midway.
         let orphans = lab_namespaces();
         for name in &orphans {
-            ip(&["netns", "del", name])
-                .with_context(|| format!("Cannot remove namespace {name}"))?;
+            remove_namespace(name).with_context(|| format!("Cannot remove namespace {name}"))?;
         }
         if orphans.is_empty() {
             print("No lab is running.\n");
@@ -419,7 +418,7 @@ fn down(dir: &DirArg) -> Result<()> {
     }
     // Every namespace with the lab's prefix, recorded or not.
     for name in lab_namespaces() {
-        ip(&["netns", "del", &name]).with_context(|| format!("Cannot remove namespace {name}"))?;
+        remove_namespace(&name).with_context(|| format!("Cannot remove namespace {name}"))?;
     }
     let _ = std::fs::remove_dir_all(&state.dir);
     std::fs::remove_file(&path)?;

@@ -2,6 +2,7 @@ pub mod bench_routes;
 pub mod bench_tunnel;
 pub mod benchmark;
 pub mod broker;
+pub mod dns;
 pub mod gateway;
 pub mod join;
 pub mod lab;

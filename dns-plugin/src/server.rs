@@ -1,0 +1,332 @@
+//! `clusterlink dns run`: hickory-server on UDP and TCP, answering from [`crate::answer`].
+//!
+//! The handler turns a request into labels and a type, asks the core, and turns its answer
+//! into records: the zone's TTL on every record, the SOA in the authority section for
+//! NXDOMAIN and NODATA, REFUSED outside the zone, FORMERR for a request that is not one
+//! plain query. Malformed packets never reach the handler: hickory-server answers FORMERR
+//! or drops them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clusterlink_api::{ClusterId, ConnectionState, Kind};
+use clusterlink_broker::client::Credentials;
+use clusterlink_broker::follow::{ClusterSet, follow};
+use hickory_server::Server;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{
+    Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use thiserror::Error;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::answer::{Answer, Data, Policy, QType, View, answer};
+
+#[derive(Debug, Error)]
+pub enum DnsError {
+    #[error("{zone:?} is not a DNS name: {reason}")]
+    Zone { zone: String, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
+    )]
+    NotACluster(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    pub listen: SocketAddr,
+    /// The zone, e.g. `clusterset.local`.
+    pub zone: String,
+    pub ttl: u32,
+    pub policy: Policy,
+}
+
+/// The zone's fixed parts: its name, labels, SOA and NS.
+pub struct Zone {
+    origin: Name,
+    labels: Vec<String>,
+    ttl: u32,
+    soa: Record,
+    ns: Record,
+}
+
+impl Zone {
+    pub fn new(zone: &str, ttl: u32) -> Result<Self, DnsError> {
+        let err = |reason: String| DnsError::Zone {
+            zone: zone.to_owned(),
+            reason,
+        };
+        let origin = Name::from_ascii(zone)
+            .map_err(|e| err(e.to_string()))?
+            .to_lowercase();
+        let origin = if origin.is_fqdn() {
+            origin
+        } else {
+            origin
+                .append_domain(&Name::root())
+                .map_err(|e| err(e.to_string()))?
+        };
+        if origin.is_root() {
+            return Err(err("the root zone cannot be served".into()));
+        }
+        let labels = labels_of(&origin);
+        let ns_name = Name::from_ascii("ns")
+            .and_then(|n| n.append_domain(&origin))
+            .map_err(|e| err(e.to_string()))?;
+        let admin = Name::from_ascii("hostmaster")
+            .and_then(|n| n.append_domain(&origin))
+            .map_err(|e| err(e.to_string()))?;
+        let soa = Record::from_rdata(
+            origin.clone(),
+            ttl,
+            RData::SOA(SOA::new(ns_name.clone(), admin, 1, 7200, 1800, 86400, ttl)),
+        );
+        let ns = Record::from_rdata(origin.clone(), ttl, RData::NS(NS(ns_name)));
+        Ok(Self {
+            origin,
+            labels,
+            ttl,
+            soa,
+            ns,
+        })
+    }
+}
+
+fn labels_of(name: &Name) -> Vec<String> {
+    name.iter()
+        .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+        .collect()
+}
+
+pub struct Handler {
+    zone: Zone,
+    policy: Policy,
+    view: watch::Receiver<Arc<View>>,
+    turn: AtomicU64,
+}
+
+impl Handler {
+    pub fn new(zone: Zone, policy: Policy, view: watch::Receiver<Arc<View>>) -> Self {
+        Self {
+            zone,
+            policy,
+            view,
+            turn: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, name: &Name, data: &Data) -> Option<Record> {
+        let rdata = match data {
+            Data::Ip(std::net::IpAddr::V4(ip)) => RData::A(A(*ip)),
+            Data::Ip(std::net::IpAddr::V6(ip)) => RData::AAAA(AAAA(*ip)),
+            Data::Srv { port, target } => {
+                let target = Name::from_labels(target.iter().map(String::as_bytes))
+                    .ok()?
+                    .append_domain(&self.zone.origin)
+                    .ok()?;
+                RData::SRV(SRV::new(0, 100, *port, target))
+            }
+            Data::Soa => return Some(self.zone.soa.clone()),
+            Data::Ns => return Some(self.zone.ns.clone()),
+        };
+        Some(Record::from_rdata(name.clone(), self.zone.ttl, rdata))
+    }
+}
+
+fn qtype(t: RecordType) -> QType {
+    match t {
+        RecordType::A => QType::A,
+        RecordType::AAAA => QType::Aaaa,
+        RecordType::SRV => QType::Srv,
+        RecordType::SOA => QType::Soa,
+        RecordType::NS => QType::Ns,
+        RecordType::ANY => QType::Any,
+        other => QType::Other(u16::from(other)),
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let fail = |code: ResponseCode| {
+            let mut m = Metadata::response_from_request(&request.metadata);
+            m.response_code = code;
+            m
+        };
+        let plain_query = request.metadata.message_type == MessageType::Query
+            && request.metadata.op_code == OpCode::Query
+            && request.queries.queries().len() == 1;
+        let info = match request.request_info() {
+            Ok(info) if plain_query => info,
+            _ => {
+                let code = if request.metadata.op_code == OpCode::Query {
+                    ResponseCode::FormErr
+                } else {
+                    ResponseCode::NotImp
+                };
+                return send(
+                    &mut response,
+                    builder.error_msg(&request.metadata, code),
+                    fail(code),
+                )
+                .await;
+            }
+        };
+        let name: Name = info.query.name().into();
+        let labels = labels_of(&name);
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let view = self.view.borrow().clone();
+        let got = answer(
+            &self.zone.labels,
+            &view,
+            self.policy,
+            turn,
+            &labels,
+            qtype(info.query.query_type()),
+        );
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        let (answers, soa) = match got {
+            Answer::Records(data) => (
+                data.iter().filter_map(|d| self.record(&name, d)).collect(),
+                Vec::new(),
+            ),
+            Answer::NoData => (Vec::new(), vec![self.zone.soa.clone()]),
+            Answer::NxDomain => {
+                metadata.response_code = ResponseCode::NXDomain;
+                (Vec::new(), vec![self.zone.soa.clone()])
+            }
+            Answer::Refused => {
+                let code = ResponseCode::Refused;
+                return send(
+                    &mut response,
+                    builder.error_msg(&request.metadata, code),
+                    fail(code),
+                )
+                .await;
+            }
+        };
+        let msg = builder.build(metadata, answers.iter(), [], soa.iter(), []);
+        send(&mut response, msg, metadata).await
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    response: &mut R,
+    msg: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    fallback: Metadata,
+) -> ResponseInfo {
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            warn!(error = %e, "cannot send a DNS response");
+            let mut metadata = fallback;
+            metadata.response_code = ResponseCode::ServFail;
+            Header {
+                metadata,
+                counts: HeaderCounts::default(),
+            }
+            .into()
+        }
+    }
+}
+
+/// The answer core's view from the broker's records: every cluster's service records, and
+/// the clusters the local gateway reports a connected tunnel to (with the best RTT).
+pub fn view_of(local: &ClusterId, set: &ClusterSet) -> View {
+    let mut view = View {
+        local: Some(local.clone()),
+        ..View::default()
+    };
+    for r in set.services.values() {
+        view.insert(r.clone());
+    }
+    for c in set.connections.values() {
+        if &c.from_cluster == local && c.state == ConnectionState::Connected {
+            let rtt = (c.rtt_micros > 0).then(|| Duration::from_micros(c.rtt_micros));
+            let best = view.live.entry(c.to_cluster.clone()).or_insert(rtt);
+            if let (Some(b), Some(r)) = (*best, rtt) {
+                *best = Some(b.min(r));
+            } else if best.is_none() {
+                *best = rtt;
+            }
+        }
+    }
+    view
+}
+
+/// Serves the zone until `shutdown`, following the broker for services and tunnel health.
+pub async fn run(
+    config: DnsConfig,
+    credentials: Credentials,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DnsError> {
+    let local: ClusterId = credentials
+        .identity
+        .parse()
+        .map_err(|_| DnsError::NotACluster(credentials.identity.clone()))?;
+    let zone = Zone::new(&config.zone, config.ttl)?;
+    let (view_tx, view_rx) = watch::channel(Arc::new(View {
+        local: Some(local.clone()),
+        ..View::default()
+    }));
+    let mut set = follow(credentials, &[Kind::Services, Kind::Connections]);
+    let follower = tokio::spawn(async move {
+        while set.changed().await.is_ok() {
+            let view = set.borrow_and_update().as_ref().map(|s| view_of(&local, s));
+            if let Some(v) = view {
+                view_tx.send_replace(Arc::new(v));
+            }
+        }
+    });
+    let udp = UdpSocket::bind(config.listen)
+        .await
+        .map_err(|source| DnsError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DnsError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let mut server = Server::new(Handler::new(zone, config.policy, view_rx));
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 65_535);
+    info!(listen = %config.listen, zone = %config.zone, "DNS plugin serving");
+    tokio::select! {
+        _ = shutdown => {}
+        r = server.block_until_done() => if let Err(e) = r { warn!(error = %e, "DNS server stopped") },
+    }
+    follower.abort();
+    let _ = server.shutdown_gracefully().await;
+    Ok(())
+}
