@@ -150,7 +150,7 @@ fn clusterset_names_from_pods() {
     let b_ip = b_pod.address.to_string();
     assert_eq!(
         short(&pod, "db.demo.svc.clusterset.local", "A", &[]),
-        [b_ip.clone()]
+        std::slice::from_ref(&b_ip)
     );
     assert_eq!(
         short(&pod, "db-0.b.db.demo.svc.clusterset.local", "A", &[]),
