@@ -38,6 +38,12 @@ enum Command {
     /// Run this cluster's DNS plugin (the `clusterset.local` zone).
     #[command(subcommand)]
     Dns(cmd::dns::DnsCommand),
+    /// Export a Service to the cluster set (a ServiceExport).
+    #[command(subcommand)]
+    Export(cmd::export::ExportCommand),
+    /// Stop exporting a Service.
+    #[command(subcommand)]
+    Unexport(cmd::export::ExportCommand),
     /// Join this cluster to a broker with a broker-info file.
     Join(cmd::join::JoinArgs),
     /// Show what the broker knows.
@@ -74,6 +80,8 @@ fn main() -> std::process::ExitCode {
             Command::Gateway(c) => cmd::gateway::run(c).await,
             Command::RouteAgent(c) => cmd::route_agent::run(c).await,
             Command::Dns(c) => cmd::dns::run(c).await,
+            Command::Export(c) => cmd::export::export(c).await,
+            Command::Unexport(c) => cmd::export::unexport(c).await,
             Command::Show(c) => cmd::show::run(c).await,
             Command::Benchmark(c) => cmd::benchmark::run(c).await,
             Command::Lab(c) => cmd::lab::run(c).await,

@@ -1,13 +1,13 @@
-//! The DNS plugin, from pods, with `dig` (needs root): every cluster runs `clusterlink dns
-//! run` on its gateway node and its pods resolve through it. Service records are published
-//! here as the export controller would; tunnel health comes from the real gateways.
+//! Service discovery, from pods, with `dig` (needs root): every cluster runs `clusterlink dns
+//! run` on its gateway node and its pods resolve through it. The first test publishes service
+//! records itself (every record form, health); the second goes through the export path:
+//! manifests, `clusterlink export`/`unexport`, the export controller and its conditions.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_api::{Endpoint, Kind, Record, ServicePort, ServiceRecord, ServiceType};
 use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
@@ -27,23 +27,31 @@ fn up() -> Lab {
     lab
 }
 
-fn echo(cluster: &str, ip: &str, ready: bool) -> Record {
-    Record::Service(ServiceRecord {
-        cluster: cluster.parse().unwrap(),
-        namespace: "demo".parse().unwrap(),
-        name: "echo".parse().unwrap(),
-        service_type: ServiceType::ClusterSetIP,
-        ports: vec![ServicePort {
-            name: "tcp-echo".into(),
-            protocol: "TCP".into(),
-            port: 7,
-            app_protocol: String::new(),
-        }],
-        ips: vec![ip.parse().unwrap()],
-        endpoints: Vec::new(),
-        ready,
-        exported_at_unix_ms: 1,
-    })
+/// A Service `name` (ClusterIP `ip`, or headless with "None") with one endpoint, as
+/// manifests in cluster `c`'s directory, exported with the CLI.
+fn export_service(lab: &Lab, c: usize, name: &str, ip: &str, endpoint: &str, ready: bool) {
+    let dir = &lab.state.clusters[c].manifests;
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+             spec:\n  clusterIP: \"{ip}\"\n  ports: [{{name: tcp-echo, port: 7, protocol: TCP}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nendpoints:\n- addresses: [\"{endpoint}\"]\n  hostname: {name}-0\n  conditions: {{ready: {ready}}}\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["export", "service", name, "-n", "demo", "--manifests"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `dig +short NAME TYPE` in a pod, through its resolver.
@@ -74,42 +82,23 @@ fn full(pod: &Netns, args: &[&str]) -> String {
 #[test]
 fn clusterset_names_from_pods() {
     let lab = up();
-    for (i, (c, ip)) in [
-        ("a", "10.101.0.7"),
-        ("b", "10.102.0.7"),
-        ("c", "10.103.0.7"),
-    ]
-    .into_iter()
-    .enumerate()
+    let pods: Vec<String> = (0..3)
+        .map(|c| lab.worker(c).pod.address.to_string())
+        .collect();
+    for (c, ip) in ["10.101.0.7", "10.102.0.7", "10.103.0.7"]
+        .into_iter()
+        .enumerate()
     {
-        lab.publish(i, echo(c, ip, true)).unwrap();
+        export_service(&lab, c, "web", ip, &pods[c], true);
     }
     let b_pod = lab.worker(1).pod.clone();
-    lab.publish(
-        1,
-        Record::Service(ServiceRecord {
-            cluster: "b".parse().unwrap(),
-            namespace: "demo".parse().unwrap(),
-            name: "db".parse().unwrap(),
-            service_type: ServiceType::Headless,
-            ports: Vec::new(),
-            ips: Vec::new(),
-            endpoints: vec![Endpoint {
-                ip: b_pod.address.into(),
-                hostname: Some("db-0".parse().unwrap()),
-                ready: true,
-            }],
-            ready: true,
-            exported_at_unix_ms: 1,
-        }),
-    )
-    .unwrap();
+    export_service(&lab, 1, "db", "None", &pods[1], true);
     let pod = lab.worker(0).pod.ns();
-    let name = "echo.demo.svc.clusterset.local";
+    let name = "web.demo.svc.clusterset.local";
 
     // Every healthy cluster, the local one first.
     wait_until(
-        "echo from all three clusters",
+        "web from all three clusters",
         Duration::from_secs(10),
         || short(&pod, name, "A", &[]).len() == 3,
     )
@@ -118,7 +107,7 @@ fn clusterset_names_from_pods() {
     assert_eq!(ips[0], "10.101.0.7", "{ips:?}");
     // The same over TCP, and whatever the case of the name.
     assert_eq!(
-        short(&pod, "ECHO.Demo.SVC.clusterset.LOCAL", "A", &["+tcp"]).len(),
+        short(&pod, "WEB.Demo.SVC.clusterset.LOCAL", "A", &["+tcp"]).len(),
         3
     );
     // TTL 5 s, authoritative.
@@ -133,18 +122,18 @@ fn clusterset_names_from_pods() {
     );
     // One cluster's address, SRV, a headless service and one of its endpoints by hostname.
     assert_eq!(
-        short(&pod, "b.echo.demo.svc.clusterset.local", "A", &[]),
+        short(&pod, "b.web.demo.svc.clusterset.local", "A", &[]),
         ["10.102.0.7"]
     );
     let srv = short(
         &pod,
-        "_tcp-echo._tcp.echo.demo.svc.clusterset.local",
+        "_tcp-echo._tcp.web.demo.svc.clusterset.local",
         "SRV",
         &[],
     );
     assert_eq!(srv.len(), 3, "{srv:?}");
     assert!(
-        srv[0].ends_with(" 7 a.echo.demo.svc.clusterset.local."),
+        srv[0].ends_with(" 7 a.web.demo.svc.clusterset.local."),
         "{srv:?}"
     );
     let b_ip = b_pod.address.to_string();
@@ -156,6 +145,7 @@ fn clusterset_names_from_pods() {
         short(&pod, "db-0.b.db.demo.svc.clusterset.local", "A", &[]),
         [b_ip]
     );
+    assert!(full(&pod, &["db-9.b.db.demo.svc.clusterset.local", "A"]).contains("status: NXDOMAIN"));
 
     // NXDOMAIN and NODATA carry the SOA; outside the zone is REFUSED.
     let nx = full(&pod, &["nope.demo.svc.clusterset.local", "A"]);
@@ -186,7 +176,7 @@ fn clusterset_names_from_pods() {
     assert_eq!(short(&pod, name, "A", &[]).len(), 3);
 
     // c's endpoints become unready: c drops out.
-    lab.publish(2, echo("c", "10.103.0.7", false)).unwrap();
+    export_service(&lab, 2, "web", "10.103.0.7", &pods[2], false);
     wait_until("c to drop out", Duration::from_secs(10), || {
         let ips = short(&pod, name, "A", &[]);
         ips.len() == 2 && !ips.contains(&"10.103.0.7".to_owned())
@@ -199,11 +189,181 @@ fn clusterset_names_from_pods() {
     })
     .unwrap();
     // Unexported everywhere: the name is gone.
-    for i in 0..3 {
-        lab.withdraw(i, Kind::Services, "demo/echo").unwrap();
+    for c in 0..3 {
+        std::fs::remove_file(
+            lab.state.clusters[c]
+                .manifests
+                .join("serviceexport.demo.web.yaml"),
+        )
+        .unwrap();
+    }
+    wait_until("web to be gone", Duration::from_secs(10), || {
+        full(&pod, &[name, "A"]).contains("status: NXDOMAIN")
+    })
+    .unwrap();
+}
+
+fn status_of(lab: &Lab, cluster: usize, name: &str) -> String {
+    let path = lab.state.clusters[cluster]
+        .manifests
+        .join("status")
+        .join(format!("serviceexport.demo.{name}.yaml"));
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The condition of a type in a status file, as "Status/Reason".
+fn condition(status: &str, kind: &str) -> Option<String> {
+    let v: serde_json::Value = serde_saphyr::from_str(status).ok()?;
+    v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or("")
+            )
+        })
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN).args(args).output().unwrap()
+}
+
+#[test]
+fn export_unexport_unready_and_conflict_through_manifests() {
+    let lab = up();
+    lab.wait_services(Duration::from_secs(20)).unwrap();
+    let pod = lab.worker(0).pod.ns();
+    let name = clusterlink_e2e::lab::ECHO_NAME;
+    let c_ip = lab.worker(2).pod.address.to_string();
+    let dir = |c: usize| lab.state.clusters[c].manifests.display().to_string();
+    assert_eq!(
+        condition(&status_of(&lab, 0, "echo"), "Valid").as_deref(),
+        Some("True/Valid")
+    );
+    assert_eq!(
+        condition(&status_of(&lab, 0, "echo"), "Ready").as_deref(),
+        Some("True/Exported")
+    );
+
+    // Unexported in c: c's address goes from a's answers; exported again, it comes back.
+    let out = cli(&[
+        "unexport",
+        "service",
+        "echo",
+        "-n",
+        "demo",
+        "--manifests",
+        &dir(2),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("c's echo to go", Duration::from_secs(10), || {
+        let a = short(&pod, name, "A", &[]);
+        a.len() == 2 && !a.contains(&c_ip)
+    })
+    .unwrap();
+    let again = cli(&[
+        "unexport",
+        "service",
+        "echo",
+        "-n",
+        "demo",
+        "--manifests",
+        &dir(2),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not exported here"));
+    assert!(
+        cli(&[
+            "export",
+            "service",
+            "echo",
+            "-n",
+            "demo",
+            "--manifests",
+            &dir(2)
+        ])
+        .status
+        .success()
+    );
+    wait_until("c's echo to come back", Duration::from_secs(10), || {
+        short(&pod, name, "A", &[]).contains(&c_ip)
+    })
+    .unwrap();
+
+    // c's endpoint becomes unready: it drops out of the answers.
+    let echo_yaml = lab.state.clusters[2].manifests.join("echo.yaml");
+    let text = std::fs::read_to_string(&echo_yaml).unwrap();
+    std::fs::write(&echo_yaml, text.replace("ready: true", "ready: false")).unwrap();
+    wait_until("c's unready echo to go", Duration::from_secs(10), || {
+        !short(&pod, name, "A", &[]).contains(&c_ip)
+    })
+    .unwrap();
+
+    // b exports echo with another port: b's export says Conflict.
+    let b_yaml = lab.state.clusters[1].manifests.join("echo.yaml");
+    let text = std::fs::read_to_string(&b_yaml).unwrap();
+    std::fs::write(&b_yaml, text.replacen("port: 7", "port: 8", 1)).unwrap();
+    wait_until("b's Conflict condition", Duration::from_secs(10), || {
+        condition(&status_of(&lab, 1, "echo"), "Conflict").as_deref() == Some("True/PortConflict")
+    })
+    .unwrap();
+
+    // Exporting a Service that does not exist: not valid, not published, not resolvable.
+    assert!(
+        cli(&[
+            "export",
+            "service",
+            "nope",
+            "-n",
+            "demo",
+            "--manifests",
+            &dir(0)
+        ])
+        .status
+        .success()
+    );
+    wait_until("nope's Valid condition", Duration::from_secs(10), || {
+        condition(&status_of(&lab, 0, "nope"), "Valid").as_deref() == Some("False/ServiceNotFound")
+    })
+    .unwrap();
+    assert!(full(&pod, &["nope.demo.svc.clusterset.local", "A"]).contains("status: NXDOMAIN"));
+
+    // A manifest that does not parse is left out whole, and says why in the log.
+    std::fs::write(
+        lab.state.clusters[0].manifests.join("broken.yaml"),
+        "kind: [",
+    )
+    .unwrap();
+
+    // Unexported everywhere: NXDOMAIN.
+    for c in 0..3 {
+        assert!(
+            cli(&[
+                "unexport",
+                "service",
+                "echo",
+                "-n",
+                "demo",
+                "--manifests",
+                &dir(c)
+            ])
+            .status
+            .success()
+        );
     }
     wait_until("echo to be gone", Duration::from_secs(10), || {
         full(&pod, &[name, "A"]).contains("status: NXDOMAIN")
     })
     .unwrap();
+    let log = std::fs::read_to_string(lab.bed.log_path("a-dns")).unwrap();
+    assert!(
+        log.contains("broken.yaml") && log.contains("not YAML"),
+        "{log}"
+    );
 }

@@ -54,6 +54,8 @@ pub struct DnsConfig {
     pub zone: String,
     pub ttl: u32,
     pub policy: Policy,
+    /// Standalone mode: export what this manifest directory says (see [`crate::manifests`]).
+    pub manifests: Option<std::path::PathBuf>,
 }
 
 /// The zone's fixed parts: its name, labels, SOA and NS.
@@ -297,7 +299,13 @@ pub async fn run(
         local: Some(local.clone()),
         ..View::default()
     }));
-    let mut set = follow(credentials, &[Kind::Services, Kind::Connections]);
+    let mut set = follow(credentials.clone(), &[Kind::Services, Kind::Connections]);
+    let controller = config.manifests.clone().map(|dir| {
+        tokio::spawn(
+            crate::controller::ExportController::new(dir, credentials, local.clone())
+                .run(set.clone()),
+        )
+    });
     let follower = tokio::spawn(async move {
         while set.changed().await.is_ok() {
             let view = set.borrow_and_update().as_ref().map(|s| view_of(&local, s));
@@ -327,6 +335,9 @@ pub async fn run(
         r = server.block_until_done() => if let Err(e) = r { warn!(error = %e, "DNS server stopped") },
     }
     follower.abort();
+    if let Some(c) = controller {
+        c.abort();
+    }
     let _ = server.shutdown_gracefully().await;
     Ok(())
 }

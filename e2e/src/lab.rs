@@ -53,6 +53,11 @@ pub struct LabCluster {
     /// pod of the cluster uses as its resolver.
     pub dns_address: Ipv4Addr,
     pub dns_pid: u32,
+    /// The cluster's manifest directory (Service, EndpointSlice, ServiceExport), which its
+    /// DNS plugin exports from.
+    pub manifests: PathBuf,
+    /// The demo echo server (TCP port 7) in the first worker's pod.
+    pub echo_pid: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,7 +77,7 @@ impl LabState {
                     .iter()
                     .map(|g| g.pid)
                     .chain(c.nodes.iter().map(|n| n.agent_pid))
-                    .chain([c.dns_pid])
+                    .chain([c.dns_pid, c.echo_pid])
             }))
             .collect()
     }
@@ -209,6 +214,31 @@ impl Lab {
                     agent_pid,
                 });
             }
+            // The demo: an echo server in the first worker's pod, its Service (headless) and
+            // EndpointSlice as manifests, exported with the CLI.
+            let manifests = dir.join(format!("{}-manifests", c.name));
+            std::fs::create_dir_all(&manifests).map_err(|source| TestbedError::Spawn {
+                command: format!("mkdir {}", manifests.display()),
+                source,
+            })?;
+            let echo_node = c.workers().next().unwrap_or(&c.nodes[0]);
+            std::fs::write(
+                manifests.join("echo.yaml"),
+                echo_manifests(echo_node.pod.address),
+            )
+            .map_err(|source| TestbedError::Spawn {
+                command: "write echo.yaml".into(),
+                source,
+            })?;
+            let echo_pid = bed.spawn(
+                &echo_node.pod.ns(),
+                &format!("{}-echo", c.name),
+                &bin.display().to_string(),
+                &["lab", "echo-server", "--listen", "0.0.0.0:7"],
+            )?;
+            run(Command::new(bin)
+                .args(["export", "service", "echo", "-n", "demo", "--manifests"])
+                .arg(&manifests))?;
             let dns_address = c.nodes[0].pod_side;
             let dns_pid = bed.spawn(
                 &c.nodes[0].ns(),
@@ -223,6 +253,8 @@ impl Lab {
                     &format!("{dns_address}:53"),
                     "--zone",
                     ZONE,
+                    "--manifests",
+                    &manifests.display().to_string(),
                 ],
             )?;
             for n in &c.nodes {
@@ -239,6 +271,8 @@ impl Lab {
                 nodes,
                 dns_address,
                 dns_pid,
+                manifests,
+                echo_pid,
             });
         }
         let state = LabState {
@@ -328,6 +362,15 @@ impl Lab {
                 }
             }
             None => e,
+        })
+    }
+
+    /// Waits until the demo echo service resolves, from the first worker pod of every
+    /// cluster, to every cluster's echo server.
+    pub fn wait_services(&self, timeout: Duration) -> Result<(), TestbedError> {
+        let n = self.state.clusters.len();
+        wait_until("echo.demo.svc to resolve everywhere", timeout, || {
+            (0..n).all(|c| resolve(&self.worker(c).pod.ns(), ECHO_NAME).len() == n)
         })
     }
 
@@ -532,4 +575,43 @@ pub fn agent_routes(node: &Netns) -> Result<Vec<String>, TestbedError> {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect())
+}
+
+/// The lab's demo service.
+pub const ECHO_NAME: &str = "echo.demo.svc.clusterset.local";
+
+/// `dig +short NAME A` in a namespace, through its resolver.
+pub fn resolve(ns: &Netns, name: &str) -> Vec<String> {
+    ns.exec("dig", &["+short", "+time=2", "+tries=1", name, "A"])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.parse::<std::net::IpAddr>().is_ok())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends a line to a TCP echo server from inside a namespace; true if it comes back.
+pub fn echo_roundtrip(ns: &Netns, to: std::net::SocketAddr) -> bool {
+    ns.run_in(move || -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let line = b"hello from clusterlink\n";
+        s.write_all(line)?;
+        let mut back = vec![0u8; line.len()];
+        s.read_exact(&mut back)?;
+        Ok(back == line)
+    })
+    .is_ok_and(|r| r.unwrap_or(false))
+}
+
+/// The demo echo service's Service (headless) and EndpointSlice.
+fn echo_manifests(pod: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: demo\nspec:\n  clusterIP: None\n  ports:\n  - name: tcp-echo\n    port: 7\n    protocol: TCP\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: demo\n  labels:\n    kubernetes.io/service-name: echo\naddressType: IPv4\nendpoints:\n- addresses: [\"{pod}\"]\n  hostname: echo-0\n  conditions:\n    ready: true\nports:\n- name: tcp-echo\n  port: 7\n  protocol: TCP\n"
+    )
 }

@@ -40,6 +40,10 @@ pub struct RunArgs {
     /// Order of the remote clusters' addresses (the local cluster's always come first).
     #[arg(long, value_enum, default_value_t = PolicyArg::RoundRobin)]
     pub policy: PolicyArg,
+    /// Standalone mode: export the Services this directory's ServiceExport manifests name
+    /// (with their Service and EndpointSlice manifests); statuses go to DIR/status/.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<std::path::PathBuf>,
 }
 
 pub async fn run(c: DnsCommand) -> Result<()> {
@@ -53,6 +57,7 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     PolicyArg::RoundRobin => Policy::RoundRobin,
                     PolicyArg::Nearest => Policy::Nearest,
                 },
+                manifests: a.manifests,
             };
             run_dns(config, a.credentials.load()?, shutdown_signal())
                 .await

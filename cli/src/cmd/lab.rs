@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use clusterlink_e2e::lab::{LAB_PREFIX, LabState};
+use clusterlink_e2e::lab::{ECHO_NAME, LAB_PREFIX, LabState, echo_roundtrip, resolve};
 use clusterlink_e2e::netns::{ip, remove_namespace, sweep_stale};
 use clusterlink_e2e::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
@@ -28,6 +28,29 @@ pub enum LabCommand {
     Exec(ExecArgs),
     /// Stop every lab process and remove every lab namespace.
     Down(DirArg),
+    /// The lab's demo TCP echo server (run inside a pod by `lab up`).
+    #[command(hide = true)]
+    EchoServer(EchoArgs),
+}
+
+#[derive(Args)]
+pub struct EchoArgs {
+    #[arg(long, default_value = "0.0.0.0:7")]
+    pub listen: std::net::SocketAddr,
+}
+
+async fn echo_server(a: EchoArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("Cannot listen on {}", a.listen))?;
+    tracing::info!(listen = %a.listen, "echo server up");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
 }
 
 #[derive(Args, Clone)]
@@ -104,6 +127,7 @@ pub async fn run(c: LabCommand) -> Result<()> {
         LabCommand::Status(a) => tokio::task::spawn_blocking(move || status(a)).await?,
         LabCommand::Exec(a) => tokio::task::spawn_blocking(move || exec(a)).await?,
         LabCommand::Down(a) => tokio::task::spawn_blocking(move || down(&a)).await?,
+        LabCommand::EchoServer(a) => echo_server(a).await,
     }
 }
 
@@ -178,29 +202,35 @@ fn up(a: UpArgs) -> Result<()> {
         .context("Not every route agent programmed its routes; see the logs")?;
     progress("checking pod-to-pod reachability between every pair of clusters");
     let matrix = reachability(&lab.state);
+    progress("waiting for the demo service to resolve in every cluster");
+    let resolved = lab.wait_services(Duration::from_secs(20));
+    let discovery = discovery(&lab.state);
     std::fs::create_dir_all(&a.dir.lab_dir)?;
     std::fs::write(
         state_path(&a.dir),
         serde_json::to_string_pretty(&lab.state)?,
     )?;
-    let failed = matrix.iter().filter(|r| !r.ok).count();
+    let failed = matrix.iter().filter(|r| !r.ok).count()
+        + discovery.iter().filter(|d| !d.ok).count()
+        + usize::from(resolved.is_err());
     print(&describe(&lab.state));
     print("\nReachability (pod on a worker node to pod on a worker node, across clusters):\n");
     print(&render(&matrix, Format::Table)?);
+    print(&format!(
+        "\nService discovery ({ECHO_NAME} from a pod in every cluster, then a TCP echo to each answer):\n"
+    ));
+    print(&render(&discovery, Format::Table)?);
     print("\nTunnels:\n");
     print(&connections_table(&lab.state)?);
     if failed > 0 {
         // Leave nothing half-working behind.
         drop(lab);
         let _ = std::fs::remove_file(state_path(&a.dir));
-        bail!(
-            "{failed} of {} pairs cannot reach each other; the lab was removed",
-            matrix.len()
-        );
+        bail!("{failed} check(s) failed (reachability, service discovery); the lab was removed");
     }
     lab.bed.release();
     print(
-        "\nThe lab is up. `clusterlink lab status`, `clusterlink lab exec east w1-pod -- ping 10.2.101.10`, `clusterlink lab down`.\n",
+        "\nThe lab is up. `clusterlink lab status`, `clusterlink lab exec east w1-pod -- ping 10.2.101.10`,\n`clusterlink lab exec west w1-pod -- dig echo.demo.svc.clusterset.local`, `clusterlink lab down`.\n",
     );
     Ok(())
 }
@@ -255,6 +285,56 @@ fn reachability(state: &LabState) -> Vec<Reach> {
         }
     }
     out
+}
+
+#[derive(Serialize)]
+struct Discovery {
+    from: String,
+    answers: Vec<String>,
+    echoed: usize,
+    ok: bool,
+}
+
+impl Tabular for Discovery {
+    fn header() -> Vec<&'static str> {
+        vec!["FROM", "ANSWERS", "ECHO", "RESULT"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.from.clone(),
+            self.answers.join(","),
+            format!("{}/{}", self.echoed, self.answers.len()),
+            if self.ok { "ok".into() } else { "FAIL".into() },
+        ]
+    }
+}
+
+fn discovery(state: &LabState) -> Vec<Discovery> {
+    state
+        .clusters
+        .iter()
+        .map(|c| {
+            let pod = &c
+                .nodes
+                .iter()
+                .find(|n| n.node.role == Role::Worker)
+                .unwrap_or(&c.nodes[0])
+                .node
+                .pod;
+            let answers = resolve(&pod.ns(), ECHO_NAME);
+            let echoed = answers
+                .iter()
+                .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+                .filter(|ip| echo_roundtrip(&pod.ns(), std::net::SocketAddr::new(*ip, 7)))
+                .count();
+            Discovery {
+                from: pod.name.clone(),
+                ok: answers.len() == state.clusters.len() && echoed == answers.len(),
+                answers,
+                echoed,
+            }
+        })
+        .collect()
 }
 
 fn describe(state: &LabState) -> String {

@@ -19,6 +19,8 @@ pub enum ShowCommand {
     Gateways(ShowArgs),
     /// The tunnels between clusters: state, RTT, last handshake, bytes each way.
     Connections(ShowArgs),
+    /// Exported services: which clusters export each, and which of those are healthy.
+    Services(ShowArgs),
 }
 
 #[derive(Args)]
@@ -63,7 +65,106 @@ pub async fn run(c: ShowCommand) -> Result<()> {
         ShowCommand::Clusters(a) => clusters(a).await,
         ShowCommand::Gateways(a) => gateways(a).await,
         ShowCommand::Connections(a) => connections(a).await,
+        ShowCommand::Services(a) => services(a).await,
     }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub service: String,
+    pub cluster: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub addresses: Vec<String>,
+    pub ports: Vec<String>,
+    pub ready_endpoints: usize,
+    pub ready: bool,
+    /// Clusters with a connected tunnel to this one, of the others.
+    pub reachable_from: Vec<String>,
+    /// Ready, and every other cluster has a connected tunnel to it.
+    pub healthy: bool,
+}
+
+impl Tabular for ServiceView {
+    fn header() -> Vec<&'static str> {
+        vec![
+            "SERVICE",
+            "CLUSTER",
+            "TYPE",
+            "ADDRESSES",
+            "PORTS",
+            "READY",
+            "REACHABLE FROM",
+            "HEALTHY",
+        ]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.service.clone(),
+            self.cluster.clone(),
+            self.type_.clone(),
+            self.addresses.join(","),
+            self.ports.join(","),
+            format!(
+                "{} ({} endpoints)",
+                if self.ready { "yes" } else { "no" },
+                self.ready_endpoints
+            ),
+            self.reachable_from.join(","),
+            if self.healthy { "yes" } else { "no" }.into(),
+        ]
+    }
+}
+
+async fn services(a: ShowArgs) -> Result<()> {
+    let records = list(&a, Kind::Services).await?;
+    let connections = list(&a, Kind::Connections).await?;
+    let clusters = list(&a, Kind::Clusters).await?.len();
+    let mut rows = Vec::new();
+    for r in records {
+        let Record::Service(s) = r else { continue };
+        let reachable_from: std::collections::BTreeSet<String> = connections
+            .iter()
+            .filter_map(|c| match c {
+                Record::Connection(c)
+                    if c.to_cluster == s.cluster
+                        && c.state == clusterlink_api::ConnectionState::Connected =>
+                {
+                    Some(c.from_cluster.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        let addresses: Vec<String> = match s.service_type {
+            clusterlink_api::ServiceType::ClusterSetIP => {
+                s.ips.iter().map(ToString::to_string).collect()
+            }
+            clusterlink_api::ServiceType::Headless => s
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .map(|e| e.ip.to_string())
+                .collect(),
+        };
+        rows.push(ServiceView {
+            service: format!("{}/{}", s.namespace, s.name),
+            cluster: s.cluster.to_string(),
+            type_: format!("{:?}", s.service_type),
+            addresses,
+            ports: s
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect(),
+            ready_endpoints: s.endpoints.iter().filter(|e| e.ready).count(),
+            ready: s.ready,
+            healthy: s.ready && reachable_from.len() + 1 >= clusters,
+            reachable_from: reachable_from.into_iter().collect(),
+        });
+    }
+    print(&render(&rows, a.output)?);
+    Ok(())
 }
 
 async fn list(a: &ShowArgs, kind: Kind) -> Result<Vec<Record>> {
