@@ -247,6 +247,23 @@ fn export_unexport_unready_and_conflict_through_manifests() {
         condition(&status_of(&lab, 0, "echo"), "Ready").as_deref(),
         Some("True/Exported")
     );
+    // Every cluster imports it: a ServiceImport naming the three clusters, a slice each.
+    let imported = lab.state.clusters[0]
+        .manifests
+        .join("imported/serviceimport.demo.echo.yaml");
+    wait_until(
+        "the import to list three clusters",
+        Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(&imported).unwrap_or_default();
+            text.contains("kind: ServiceImport")
+                && text.matches("kind: EndpointSlice").count() == 3
+                && ["cluster: a", "cluster: b", "cluster: c"]
+                    .iter()
+                    .all(|c| text.contains(c))
+        },
+    )
+    .unwrap();
 
     // Unexported in c: c's address goes from a's answers; exported again, it comes back.
     let out = cli(&[
@@ -359,6 +376,10 @@ fn export_unexport_unready_and_conflict_through_manifests() {
     }
     wait_until("echo to be gone", Duration::from_secs(10), || {
         full(&pod, &[name, "A"]).contains("status: NXDOMAIN")
+    })
+    .unwrap();
+    wait_until("the import to go", Duration::from_secs(10), || {
+        !imported.exists()
     })
     .unwrap();
     let log = std::fs::read_to_string(lab.bed.log_path("a-dns")).unwrap();

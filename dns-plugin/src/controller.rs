@@ -1,7 +1,9 @@
-//! The export controller over a manifest directory: every 250 ms, and whenever the broker's
-//! view changes, read the directory, reconcile every ServiceExport ([`crate::export`]),
-//! publish the records that changed, withdraw this cluster's records that are no longer
-//! exported, and write each export's conditions to `status/` (only when they change).
+//! The controllers over a manifest directory: every 250 ms, and whenever the broker's view
+//! changes, read the directory, reconcile every ServiceExport ([`crate::export`]), publish
+//! the records that changed, withdraw this cluster's records that are no longer exported,
+//! and write each export's conditions to `status/` (only when they change). Then write the
+//! cluster set's ServiceImports and EndpointSlices ([`crate::import`]) to `imported/`, one
+//! file per service, removing those no longer exported anywhere.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ pub struct ExportController {
     client: Option<BrokerClient<Channel>>,
     first_seen: BTreeMap<Key, Timestamp>,
     statuses: BTreeMap<Key, Vec<Condition>>,
+    imported: BTreeMap<String, String>,
     last_errors: Vec<String>,
 }
 
@@ -42,6 +45,7 @@ impl ExportController {
             client: None,
             first_seen: BTreeMap::new(),
             statuses: BTreeMap::new(),
+            imported: BTreeMap::new(),
             last_errors: Vec::new(),
         }
     }
@@ -125,6 +129,7 @@ impl ExportController {
             self.first_seen.remove(&k);
             let _ = std::fs::remove_file(self.status_path(&k));
         }
+        self.write_imports(set);
         let mine: BTreeMap<Key, &ServiceRecord> = set
             .services
             .values()
@@ -158,6 +163,43 @@ impl ExportController {
             info!(namespace = %k.0, name = %k.1, "service unexported");
         }
         Ok(())
+    }
+
+    /// `imported/serviceimport.NS.NAME.yaml`: the ServiceImport and its EndpointSlices.
+    fn write_imports(&mut self, set: &ClusterSet) {
+        let dir = self.dir.join("imported");
+        let mut want = BTreeMap::new();
+        for i in crate::import::imports(set.services.values()) {
+            let ns = i.import.metadata.namespace.clone().unwrap_or_default();
+            let name = i.import.metadata.name.clone().unwrap_or_default();
+            let file = format!("serviceimport.{ns}.{name}.yaml");
+            let mut docs = vec![serde_saphyr::to_string(&i.import)];
+            docs.extend(i.slices.iter().map(serde_saphyr::to_string));
+            let Ok(docs) = docs.into_iter().collect::<Result<Vec<_>, _>>() else {
+                continue;
+            };
+            want.insert(file, docs.join("---\n"));
+        }
+        for (file, text) in &want {
+            if self.imported.get(file) != Some(text) {
+                match write_atomic(&dir.join(file), text) {
+                    Ok(()) => {
+                        self.imported.insert(file.clone(), text.clone());
+                    }
+                    Err(e) => warn!(file, error = %e, "cannot write an import"),
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .imported
+            .keys()
+            .filter(|f| !want.contains_key(*f))
+            .cloned()
+            .collect();
+        for f in gone {
+            let _ = std::fs::remove_file(dir.join(&f));
+            self.imported.remove(&f);
+        }
     }
 
     async fn client(&mut self) -> Result<&mut BrokerClient<Channel>, String> {

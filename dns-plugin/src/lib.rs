@@ -5,14 +5,17 @@
 //!   gateway's live tunnels, without I/O or clock.
 //! - [`export`]: the export reconciler (ServiceExport + Service + EndpointSlices to a
 //!   ServiceRecord and the export's conditions), a plain function.
+//! - [`import`]: the import reconciler (the cluster set's records to ServiceImports and
+//!   EndpointSlices), a plain function.
 //! - [`manifests`] and [`controller`]: the manifest-directory source and the loop that
-//!   publishes what it exports (standalone mode, the lab).
+//!   publishes what it exports and writes what it imports (standalone mode, the lab).
 //! - [`server`]: `clusterlink dns run`: hickory-server on UDP and TCP over that core, fed by
 //!   the broker (services and tunnel status).
 
 pub mod answer;
 pub mod controller;
 pub mod export;
+pub mod import;
 pub mod kube_source;
 pub mod manifests;
 pub mod server;

@@ -131,6 +131,59 @@ impl Handler {
             turn: AtomicU64::new(0),
         }
     }
+}
+
+/// The records of a reply to one query (no I/O): what the server sends and the fuzz target
+/// drives.
+#[derive(Debug)]
+pub struct Reply {
+    pub code: ResponseCode,
+    pub answers: Vec<Record>,
+    /// The SOA, for NXDOMAIN and NODATA.
+    pub authority: Vec<Record>,
+}
+
+impl Zone {
+    /// The reply to `name`/`rtype` from `view`.
+    pub fn reply(
+        &self,
+        view: &View,
+        policy: Policy,
+        turn: u64,
+        name: &Name,
+        rtype: RecordType,
+    ) -> Reply {
+        let got = answer(
+            &self.labels,
+            view,
+            policy,
+            turn,
+            &labels_of(name),
+            qtype(rtype),
+        );
+        match got {
+            Answer::Records(data) => Reply {
+                code: ResponseCode::NoError,
+                answers: data.iter().filter_map(|d| self.record(name, d)).collect(),
+                authority: Vec::new(),
+            },
+            Answer::NoData => Reply {
+                code: ResponseCode::NoError,
+                answers: Vec::new(),
+                authority: vec![self.soa.clone()],
+            },
+            Answer::NxDomain => Reply {
+                code: ResponseCode::NXDomain,
+                answers: Vec::new(),
+                authority: vec![self.soa.clone()],
+            },
+            Answer::Refused => Reply {
+                code: ResponseCode::Refused,
+                answers: Vec::new(),
+                authority: Vec::new(),
+            },
+        }
+    }
 
     fn record(&self, name: &Name, data: &Data) -> Option<Record> {
         let rdata = match data {
@@ -139,14 +192,14 @@ impl Handler {
             Data::Srv { port, target } => {
                 let target = Name::from_labels(target.iter().map(String::as_bytes))
                     .ok()?
-                    .append_domain(&self.zone.origin)
+                    .append_domain(&self.origin)
                     .ok()?;
                 RData::SRV(SRV::new(0, 100, *port, target))
             }
-            Data::Soa => return Some(self.zone.soa.clone()),
-            Data::Ns => return Some(self.zone.ns.clone()),
+            Data::Soa => return Some(self.soa.clone()),
+            Data::Ns => return Some(self.ns.clone()),
         };
-        Some(Record::from_rdata(name.clone(), self.zone.ttl, rdata))
+        Some(Record::from_rdata(name.clone(), self.ttl, rdata))
     }
 }
 
@@ -195,39 +248,24 @@ impl RequestHandler for Handler {
             }
         };
         let name: Name = info.query.name().into();
-        let labels = labels_of(&name);
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let view = self.view.borrow().clone();
-        let got = answer(
-            &self.zone.labels,
-            &view,
-            self.policy,
-            turn,
-            &labels,
-            qtype(info.query.query_type()),
-        );
+        let reply = self
+            .zone
+            .reply(&view, self.policy, turn, &name, info.query.query_type());
+        if reply.code == ResponseCode::Refused {
+            let code = ResponseCode::Refused;
+            return send(
+                &mut response,
+                builder.error_msg(&request.metadata, code),
+                fail(code),
+            )
+            .await;
+        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
-        let (answers, soa) = match got {
-            Answer::Records(data) => (
-                data.iter().filter_map(|d| self.record(&name, d)).collect(),
-                Vec::new(),
-            ),
-            Answer::NoData => (Vec::new(), vec![self.zone.soa.clone()]),
-            Answer::NxDomain => {
-                metadata.response_code = ResponseCode::NXDomain;
-                (Vec::new(), vec![self.zone.soa.clone()])
-            }
-            Answer::Refused => {
-                let code = ResponseCode::Refused;
-                return send(
-                    &mut response,
-                    builder.error_msg(&request.metadata, code),
-                    fail(code),
-                )
-                .await;
-            }
-        };
+        metadata.response_code = reply.code;
+        let (answers, soa) = (reply.answers, reply.authority);
         let msg = builder.build(metadata, answers.iter(), [], soa.iter(), []);
         send(&mut response, msg, metadata).await
     }
@@ -284,6 +322,47 @@ pub fn view_of(local: &ClusterId, set: &ClusterSet) -> View {
     view
 }
 
+/// Serves a fixed view (no broker) until `shutdown`: for benchmarks.
+pub async fn serve_fixed(
+    config: DnsConfig,
+    view: View,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DnsError> {
+    let zone = Zone::new(&config.zone, config.ttl)?;
+    let (_tx, rx) = watch::channel(Arc::new(view));
+    serve(config, zone, rx, shutdown).await
+}
+
+async fn serve(
+    config: DnsConfig,
+    zone: Zone,
+    view: watch::Receiver<Arc<View>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DnsError> {
+    let udp = UdpSocket::bind(config.listen)
+        .await
+        .map_err(|source| DnsError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DnsError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let mut server = Server::new(Handler::new(zone, config.policy, view));
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 65_535);
+    info!(listen = %config.listen, zone = %config.zone, "DNS plugin serving");
+    tokio::select! {
+        _ = shutdown => {}
+        r = server.block_until_done() => if let Err(e) = r { warn!(error = %e, "DNS server stopped") },
+    }
+    let _ = server.shutdown_gracefully().await;
+    Ok(())
+}
+
 /// Serves the zone until `shutdown`, following the broker for services and tunnel health.
 pub async fn run(
     config: DnsConfig,
@@ -314,30 +393,10 @@ pub async fn run(
             }
         }
     });
-    let udp = UdpSocket::bind(config.listen)
-        .await
-        .map_err(|source| DnsError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let tcp = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DnsError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let mut server = Server::new(Handler::new(zone, config.policy, view_rx));
-    server.register_socket(udp);
-    server.register_listener(tcp, Duration::from_secs(5), 65_535);
-    info!(listen = %config.listen, zone = %config.zone, "DNS plugin serving");
-    tokio::select! {
-        _ = shutdown => {}
-        r = server.block_until_done() => if let Err(e) = r { warn!(error = %e, "DNS server stopped") },
-    }
+    let served = serve(config, zone, view_rx, shutdown).await;
     follower.abort();
     if let Some(c) = controller {
         c.abort();
     }
-    let _ = server.shutdown_gracefully().await;
-    Ok(())
+    served
 }

@@ -33,6 +33,9 @@ pub enum BenchmarkCommand {
     /// Route agent: programming N remote CIDRs and a one-route change; pod-to-pod next to
     /// gateway-to-gateway throughput across two lab clusters (root).
     Routes(super::bench_routes::RoutesBenchArgs),
+    /// DNS: our plugin next to Knot DNS with dnsperf; export-to-resolvable and
+    /// unready-to-withdrawn times across lab clusters (root).
+    Dns(super::bench_dns::DnsBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -122,6 +125,9 @@ pub async fn run(c: BenchmarkCommand) -> Result<()> {
         BenchmarkCommand::Broker(a) => broker(a).await,
         BenchmarkCommand::Tunnel(a) => {
             tokio::task::spawn_blocking(move || super::bench_tunnel::run_tunnel_bench(a)).await?
+        }
+        BenchmarkCommand::Dns(a) => {
+            tokio::task::spawn_blocking(move || super::bench_dns::run_dns_bench(a)).await?
         }
         BenchmarkCommand::Routes(a) => {
             tokio::task::spawn_blocking(move || super::bench_routes::run_routes_bench(a)).await?

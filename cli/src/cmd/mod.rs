@@ -1,3 +1,4 @@
+pub mod bench_dns;
 pub mod bench_routes;
 pub mod bench_tunnel;
 pub mod benchmark;
