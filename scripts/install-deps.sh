@@ -8,7 +8,8 @@ packages=(
   iproute2 nftables                   # network namespaces, veth, routes, NAT for the lab
   etcd-server                         # the etcd store backend and its contract tests
   wireguard-tools wireguard-go        # interop peers for the gateway
-  iperf3 dnsutils iputils-ping        # throughput, DNS and reachability checks
+  iperf3 dnsutils iputils-ping        # throughput, DNS (dig) and reachability checks
+  knot dnsperf                        # the DNS benchmark's reference server and load generator
   ca-certificates build-essential pkg-config
 )
 
