@@ -44,10 +44,18 @@ fn lab_up_status_exec_down() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&up.stderr)
     );
+    let (reach, discovery) = stdout
+        .split_once("Service discovery")
+        .expect("a service discovery table");
     assert_eq!(
-        stdout.matches(" ok ").count(),
+        reach.matches(" ok ").count(),
         6,
         "a reachability row per ordered pair: {stdout}"
+    );
+    assert_eq!(
+        discovery.matches(" 3/3 ").count(),
+        3,
+        "from every cluster, three answers that each echo: {stdout}"
     );
     assert_eq!(stdout.matches(" connected ").count(), 6, "{stdout}");
     let again = lab(dir, &["up", "--clusters", "2"]);
