@@ -1,9 +1,11 @@
-//! The controllers over a manifest directory: every 250 ms, and whenever the broker's view
-//! changes, read the directory, reconcile every ServiceExport ([`crate::export`]), publish
+//! The controllers, over a manifest directory or the Kubernetes API ([`Source`]): every
+//! 250 ms (a directory) or 2 s (the API), and whenever the broker's view changes, read the
+//! source, reconcile every ServiceExport ([`crate::export`]), publish
 //! the records that changed, withdraw this cluster's records that are no longer exported,
-//! and write each export's conditions to `status/` (only when they change). Then write the
-//! cluster set's ServiceImports and EndpointSlices ([`crate::import`]) to `imported/`, one
-//! file per service, removing those no longer exported anywhere.
+//! and write each export's conditions (only when they change: to `status/`, or the status
+//! subresource). Then write the cluster set's ServiceImports and EndpointSlices
+//! ([`crate::import`]) (to `imported/`, one file per service, or applied through the API),
+//! removing those no longer exported anywhere.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,21 +27,40 @@ use crate::manifests::{export_file, read_dir};
 
 type Key = (String, String);
 
+/// Where the controllers read exports from and write statuses and imports to.
+#[derive(Clone)]
+pub enum Source {
+    /// A manifest directory (standalone mode, the lab).
+    Dir(PathBuf),
+    /// The cluster's Kubernetes API.
+    Kube(kube::Client),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Dir(d) => write!(f, "Dir({})", d.display()),
+            Source::Kube(_) => f.write_str("Kube"),
+        }
+    }
+}
+
 pub struct ExportController {
-    dir: PathBuf,
+    source: Source,
     creds: Credentials,
     local: ClusterId,
     client: Option<BrokerClient<Channel>>,
     first_seen: BTreeMap<Key, Timestamp>,
     statuses: BTreeMap<Key, Vec<Condition>>,
-    imported: BTreeMap<String, String>,
+    /// What was last written, per import file name: its text, and its namespace and name.
+    imported: BTreeMap<String, (String, Key)>,
     last_errors: Vec<String>,
 }
 
 impl ExportController {
-    pub fn new(dir: PathBuf, creds: Credentials, local: ClusterId) -> Self {
+    pub fn new(source: Source, creds: Credentials, local: ClusterId) -> Self {
         Self {
-            dir,
+            source,
             creds,
             local,
             client: None,
@@ -52,9 +73,18 @@ impl ExportController {
 
     /// Runs until the broker view's sender is gone.
     pub async fn run(mut self, mut view: watch::Receiver<Option<ClusterSet>>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let period = match &self.source {
+            Source::Dir(dir) => {
+                info!(dir = %dir.display(), "controllers watching the manifest directory");
+                Duration::from_millis(250)
+            }
+            Source::Kube(_) => {
+                info!("controllers watching the Kubernetes API");
+                Duration::from_secs(2)
+            }
+        };
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        info!(dir = %self.dir.display(), "export controller watching the manifest directory");
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -64,15 +94,24 @@ impl ExportController {
             if let Some(set) = set
                 && let Err(e) = self.reconcile(&set).await
             {
-                warn!(error = %e, "export controller: cannot reach the broker; retrying");
+                warn!(error = %e, "export controller: retrying");
                 self.client = None;
             }
         }
     }
 
-    async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), String> {
-        let (m, errors) = read_dir(&self.dir);
-        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    /// One pass: read, reconcile, publish and withdraw, write statuses and imports.
+    pub async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), String> {
+        let (m, errors) = match &self.source {
+            Source::Dir(dir) => {
+                let (m, errors) = read_dir(dir);
+                (m, errors.iter().map(ToString::to_string).collect())
+            }
+            Source::Kube(client) => match crate::kube_source::read(client.clone()).await {
+                Ok(m) => (m, Vec::new()),
+                Err(e) => return Err(format!("reading the Kubernetes API: {e}")),
+            },
+        };
         if errors != self.last_errors {
             for e in &errors {
                 warn!(error = %e, "manifest left out");
@@ -111,7 +150,7 @@ impl ExportController {
                 &others,
                 now,
             );
-            self.write_status(&export, &key, outcome.conditions);
+            self.write_status(&export, &key, outcome.conditions).await;
             if let Some(r) = outcome.record {
                 desired.insert(key.clone(), r);
             }
@@ -127,9 +166,11 @@ impl ExportController {
         for k in gone {
             self.statuses.remove(&k);
             self.first_seen.remove(&k);
-            let _ = std::fs::remove_file(self.status_path(&k));
+            if let Source::Dir(dir) = &self.source {
+                let _ = std::fs::remove_file(status_path(dir, &k));
+            }
         }
-        self.write_imports(set);
+        self.write_imports(set).await;
         let mine: BTreeMap<Key, &ServiceRecord> = set
             .services
             .values()
@@ -147,7 +188,7 @@ impl ExportController {
                         create_only: false,
                     })
                     .await
-                    .map_err(|s| s.message().to_owned())?;
+                    .map_err(|s| format!("broker: {}", s.message()))?;
                 info!(namespace = %k.0, name = %k.1, ready = r.ready, "service exported");
             }
         }
@@ -165,9 +206,9 @@ impl ExportController {
         Ok(())
     }
 
-    /// `imported/serviceimport.NS.NAME.yaml`: the ServiceImport and its EndpointSlices.
-    fn write_imports(&mut self, set: &ClusterSet) {
-        let dir = self.dir.join("imported");
+    /// The ServiceImports and their EndpointSlices: `imported/serviceimport.NS.NAME.yaml`,
+    /// or applied through the API. Only what changed is written.
+    async fn write_imports(&mut self, set: &ClusterSet) {
         let mut want = BTreeMap::new();
         for i in crate::import::imports(set.services.values()) {
             let ns = i.import.metadata.namespace.clone().unwrap_or_default();
@@ -178,27 +219,57 @@ impl ExportController {
             let Ok(docs) = docs.into_iter().collect::<Result<Vec<_>, _>>() else {
                 continue;
             };
-            want.insert(file, docs.join("---\n"));
+            want.insert(file, (docs.join("---\n"), i));
         }
-        for (file, text) in &want {
-            if self.imported.get(file) != Some(text) {
-                match write_atomic(&dir.join(file), text) {
-                    Ok(()) => {
-                        self.imported.insert(file.clone(), text.clone());
-                    }
-                    Err(e) => warn!(file, error = %e, "cannot write an import"),
+        for (file, (text, imported)) in &want {
+            if self.imported.get(file).map(|(t, _)| t) == Some(text) {
+                continue;
+            }
+            let written = match &self.source {
+                Source::Dir(dir) => {
+                    write_atomic(&dir.join("imported").join(file), text).map_err(|e| e.to_string())
                 }
+                Source::Kube(client) => crate::kube_source::apply_import(client.clone(), imported)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok(()) => {
+                    let ns = imported
+                        .import
+                        .metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_default();
+                    let name = imported.import.metadata.name.clone().unwrap_or_default();
+                    self.imported
+                        .insert(file.clone(), (text.clone(), (ns, name)));
+                }
+                Err(e) => warn!(file, error = %e, "cannot write an import"),
             }
         }
-        let gone: Vec<String> = self
+        let gone: Vec<(String, Key)> = self
             .imported
-            .keys()
-            .filter(|f| !want.contains_key(*f))
-            .cloned()
+            .iter()
+            .filter(|(f, _)| !want.contains_key(*f))
+            .map(|(f, (_, k))| (f.clone(), k.clone()))
             .collect();
-        for f in gone {
-            let _ = std::fs::remove_file(dir.join(&f));
-            self.imported.remove(&f);
+        for (f, (ns, name)) in gone {
+            let removed = match &self.source {
+                Source::Dir(dir) => {
+                    let _ = std::fs::remove_file(dir.join("imported").join(&f));
+                    Ok(())
+                }
+                Source::Kube(client) => {
+                    crate::kube_source::delete_import(client.clone(), &ns, &name).await
+                }
+            };
+            match removed {
+                Ok(()) => {
+                    self.imported.remove(&f);
+                }
+                Err(e) => warn!(file = f, error = %e, "cannot remove an import"),
+            }
         }
     }
 
@@ -209,13 +280,14 @@ impl ExportController {
         self.client.as_mut().ok_or_else(|| "no client".to_owned())
     }
 
-    fn status_path(&self, (ns, name): &Key) -> PathBuf {
-        self.dir.join("status").join(export_file(ns, name))
-    }
-
     /// Writes an export's conditions when they change; a condition whose status did not
     /// change keeps its transition time.
-    fn write_status(&mut self, export: &ServiceExport, key: &Key, mut conditions: Vec<Condition>) {
+    async fn write_status(
+        &mut self,
+        export: &ServiceExport,
+        key: &Key,
+        mut conditions: Vec<Condition>,
+    ) {
         let old = self.statuses.get(key);
         let same = |a: &Condition, b: &Condition| {
             (&a.type_, &a.status, &a.reason, &a.message)
@@ -235,21 +307,36 @@ impl ExportController {
                 }
             }
         }
-        let mut out = export.clone();
-        out.status = Some(ServiceExportStatus {
-            conditions: conditions.clone(),
-        });
-        let path = self.status_path(key);
-        let written = serde_saphyr::to_string(&out)
-            .map_err(|e| e.to_string())
-            .and_then(|text| write_atomic(&path, &text).map_err(|e| e.to_string()));
+        let written = match &self.source {
+            Source::Dir(dir) => {
+                let mut out = export.clone();
+                out.status = Some(ServiceExportStatus {
+                    conditions: conditions.clone(),
+                });
+                let path = status_path(dir, key);
+                serde_saphyr::to_string(&out)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| write_atomic(&path, &text).map_err(|e| e.to_string()))
+            }
+            Source::Kube(client) => {
+                crate::kube_source::write_status(client.clone(), &key.0, &key.1, &conditions)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
         match written {
             Ok(()) => {
                 self.statuses.insert(key.clone(), conditions);
             }
-            Err(e) => warn!(path = %path.display(), error = %e, "cannot write the export's status"),
+            Err(e) => {
+                warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write the export's status")
+            }
         }
     }
+}
+
+fn status_path(dir: &Path, (ns, name): &Key) -> PathBuf {
+    dir.join("status").join(export_file(ns, name))
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {

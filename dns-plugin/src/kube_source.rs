@@ -1,11 +1,112 @@
-//! The Kubernetes side of `export`/`unexport`: the ServiceExport object through the API
-//! server (kube-rs). Tested against kube's tower-test mock of the API server.
+//! The Kubernetes API (kube-rs) as the controllers' source and sink, and the Kubernetes side
+//! of `export`/`unexport`. Tested against kube's tower-test mock of the API server.
+//!
+//! - [`read`]: the ServiceExports, Services and EndpointSlices the export reconciler needs;
+//! - [`write_status`]: an export's conditions (merge patch of the status subresource);
+//! - [`apply_import`] / [`delete_import`]: a ServiceImport and its EndpointSlices
+//!   (server-side apply, field manager `clusterlink`).
 
-use clusterlink_api::mcs::{ServiceExport, ServiceExportSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use clusterlink_api::mcs::{ServiceExport, ServiceExportSpec, ServiceImport};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use thiserror::Error;
+
+use crate::import::{Imported, SERVICE_NAME_LABEL};
+use crate::manifests::Manifests;
+
+/// Field manager of what the controllers apply.
+pub const FIELD_MANAGER: &str = "clusterlink";
+
+/// Every ServiceExport, and the Services and EndpointSlices they may name.
+pub async fn read(client: Client) -> Result<Manifests, KubeError> {
+    let lp = ListParams::default();
+    let exports = Api::<ServiceExport>::all(client.clone())
+        .list(&lp)
+        .await?
+        .items;
+    let services = Api::<Service>::all(client.clone()).list(&lp).await?.items;
+    let slices = Api::<EndpointSlice>::all(client)
+        .list(&ListParams::default().labels("kubernetes.io/service-name"))
+        .await?
+        .items
+        .into_iter()
+        // Imported slices carry the MCS label: they are not this cluster's to export.
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| !l.contains_key(SERVICE_NAME_LABEL))
+        })
+        .collect();
+    Ok(Manifests {
+        exports,
+        services,
+        slices,
+    })
+}
+
+/// Sets an export's conditions (the status subresource).
+pub async fn write_status(
+    client: Client,
+    ns: &str,
+    name: &str,
+    conditions: &[Condition],
+) -> Result<(), KubeError> {
+    let patch = serde_json::json!({ "status": { "conditions": conditions } });
+    Api::<ServiceExport>::namespaced(client, ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Applies a ServiceImport (then its status) and its EndpointSlices.
+pub async fn apply_import(client: Client, imported: &Imported) -> Result<(), KubeError> {
+    let ns = imported
+        .import
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_default();
+    let name = imported.import.metadata.name.clone().unwrap_or_default();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let mut import = imported.import.clone();
+    let status = import.status.take();
+    let api = Api::<ServiceImport>::namespaced(client.clone(), &ns);
+    api.patch(&name, &pp, &Patch::Apply(&import)).await?;
+    if let Some(status) = status {
+        let patch = serde_json::json!({ "status": status });
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    let slices = Api::<EndpointSlice>::namespaced(client, &ns);
+    for s in &imported.slices {
+        let slice_name = s.metadata.name.clone().unwrap_or_default();
+        slices.patch(&slice_name, &pp, &Patch::Apply(s)).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a ServiceImport and its EndpointSlices (by their MCS label).
+pub async fn delete_import(client: Client, ns: &str, name: &str) -> Result<(), KubeError> {
+    match Api::<ServiceImport>::namespaced(client.clone(), ns)
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Api::<EndpointSlice>::namespaced(client, ns)
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={name}")),
+        )
+        .await?;
+    Ok(())
+}
 
 #[derive(Debug, Error)]
 pub enum KubeError {
@@ -87,6 +188,272 @@ mod tests {
             (method, path, sent)
         });
         (Client::new(service, "default"), server)
+    }
+
+    /// What the mock API server was asked: method, path with query, body.
+    type Asked = (Method, String, serde_json::Value);
+
+    /// An API server answering `n` requests from `answer(method, path, query)`, and handing
+    /// back what it was asked (method, path with query, body).
+    fn serve(
+        n: usize,
+        answer: impl Fn(&Method, &str) -> serde_json::Value + Send + 'static,
+    ) -> (Client, tokio::task::JoinHandle<Vec<Asked>>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let Some((request, send)) = handle.next_request().await else {
+                    break;
+                };
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or("").to_owned();
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                let out = answer(&method, &path);
+                send.send_response(Response::new(Body::from(
+                    serde_json::to_vec(&out).unwrap_or_default(),
+                )));
+                seen.push((method, format!("{path}?{query}"), body));
+            }
+            seen
+        });
+        (Client::new(service, "default"), server)
+    }
+
+    fn list(kind: &str, api: &str, items: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"apiVersion": api, "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": "1"}, "items": items})
+    }
+
+    #[tokio::test]
+    async fn read_lists_exports_services_and_their_slices() {
+        let (client, server) = serve(3, |_, path| {
+            if path.ends_with("/serviceexports") {
+                list(
+                    "ServiceExport",
+                    "multicluster.x-k8s.io/v1alpha1",
+                    serde_json::json!([
+                    {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                     "metadata": {"name": "echo", "namespace": "demo"}}]),
+                )
+            } else if path.ends_with("/services") {
+                list(
+                    "Service",
+                    "v1",
+                    serde_json::json!([
+                    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "demo"},
+                     "spec": {"clusterIP": "None", "ports": [{"port": 7}]}}]),
+                )
+            } else {
+                list(
+                    "EndpointSlice",
+                    "discovery.k8s.io/v1",
+                    serde_json::json!([
+                    {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": "echo-1", "namespace": "demo",
+                                  "labels": {"kubernetes.io/service-name": "echo"}},
+                     "addressType": "IPv4", "endpoints": [{"addresses": ["10.1.2.3"]}]},
+                    {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": "echo-b", "namespace": "demo",
+                                  "labels": {"kubernetes.io/service-name": "echo",
+                                             "multicluster.kubernetes.io/service-name": "echo"}},
+                     "addressType": "IPv4", "endpoints": [{"addresses": ["10.2.2.3"]}]}]),
+                )
+            }
+        });
+        let m = read(client).await.unwrap();
+        assert_eq!((m.exports.len(), m.services.len()), (1, 1));
+        assert_eq!(
+            m.slices_of("demo", "echo").len(),
+            1,
+            "imported slices are not ours to export"
+        );
+        let asked = server.await.unwrap();
+        assert_eq!(
+            asked[0].1,
+            "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports?"
+        );
+        assert_eq!(asked[1].1, "/api/v1/services?");
+        assert!(
+            asked[2]
+                .1
+                .starts_with("/apis/discovery.k8s.io/v1/endpointslices?"),
+            "{}",
+            asked[2].1
+        );
+        assert!(
+            asked[2]
+                .1
+                .contains("labelSelector=kubernetes.io%2Fservice-name"),
+            "{}",
+            asked[2].1
+        );
+    }
+
+    #[tokio::test]
+    async fn conditions_go_to_the_status_subresource_and_imports_are_applied() {
+        let export = serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+            "kind": "ServiceExport", "metadata": {"name": "echo", "namespace": "demo"}});
+        let (client, server) = serve(1, move |_, _| export.clone());
+        let cond = crate::export::reconcile_export(
+            &"a".parse().unwrap(),
+            &serde_json::from_value(
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport", "metadata": {"name": "echo", "namespace": "demo"}}),
+            )
+            .unwrap(),
+            None,
+            &[],
+            &[],
+            k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+        )
+        .conditions;
+        write_status(client, "demo", "echo", &cond).await.unwrap();
+        let asked = server.await.unwrap();
+        assert_eq!(asked[0].0, Method::PATCH);
+        assert!(asked[0].1.starts_with(
+            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceexports/echo/status"
+        ));
+        assert_eq!(asked[0].2["status"]["conditions"][0]["type"], "Valid");
+        assert_eq!(
+            asked[0].2["status"]["conditions"][0]["reason"],
+            "ServiceNotFound"
+        );
+
+        let record = clusterlink_api::ServiceRecord {
+            cluster: "b".parse().unwrap(),
+            namespace: "demo".parse().unwrap(),
+            name: "echo".parse().unwrap(),
+            service_type: clusterlink_api::ServiceType::Headless,
+            ports: Vec::new(),
+            ips: Vec::new(),
+            endpoints: Vec::new(),
+            ready: true,
+            exported_at_unix_ms: 1,
+        };
+        let imported = crate::import::imports([&record]).remove(0);
+        let (client, server) = serve(3, |_, path| {
+            if path.contains("endpointslices") {
+                serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "echo-b", "namespace": "demo"}, "addressType": "IPv4", "endpoints": []})
+            } else {
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                    "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"type": "Headless", "ports": []}})
+            }
+        });
+        apply_import(client, &imported).await.unwrap();
+        let asked = server.await.unwrap();
+        assert!(asked[0].1.starts_with(
+            "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceimports/echo?"
+        ));
+        assert!(
+            asked[0].1.contains("fieldManager=clusterlink") && asked[0].1.contains("force=true")
+        );
+        assert_eq!(asked[0].2["kind"], "ServiceImport");
+        assert!(asked[1].1.contains("/serviceimports/echo/status"));
+        assert_eq!(asked[1].2["status"]["clusters"][0]["cluster"], "b");
+        assert!(
+            asked[2]
+                .1
+                .starts_with("/apis/discovery.k8s.io/v1/namespaces/demo/endpointslices/echo-b?")
+        );
+    }
+
+    /// The controllers over the API: an export of a missing Service gets Valid=False on its
+    /// status subresource (nothing is published), and another cluster's export is applied
+    /// as a ServiceImport with its status and slice.
+    #[tokio::test]
+    async fn the_controllers_read_and_write_through_the_api() {
+        let (client, server) = serve(7, |method, path| {
+            if method == Method::GET && path.ends_with("/serviceexports") {
+                list(
+                    "ServiceExport",
+                    "multicluster.x-k8s.io/v1alpha1",
+                    serde_json::json!([
+                    {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                     "metadata": {"name": "gone", "namespace": "demo"}}]),
+                )
+            } else if method == Method::GET && path.ends_with("/services") {
+                list("Service", "v1", serde_json::json!([]))
+            } else if method == Method::GET {
+                list(
+                    "EndpointSlice",
+                    "discovery.k8s.io/v1",
+                    serde_json::json!([]),
+                )
+            } else if path.contains("serviceexports") {
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                    "kind": "ServiceExport", "metadata": {"name": "gone", "namespace": "demo"}})
+            } else if path.contains("endpointslices") {
+                serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "echo-b", "namespace": "demo"}, "addressType": "IPv4", "endpoints": []})
+            } else {
+                serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                    "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"type": "Headless", "ports": []}})
+            }
+        });
+        let creds = clusterlink_broker::client::Credentials {
+            api_version: String::new(),
+            kind: String::new(),
+            address: "127.0.0.1:1".into(),
+            ca_certificate: String::new(),
+            identity: "a".into(),
+            certificate: String::new(),
+            private_key: String::new(),
+        };
+        let mut controller = crate::controller::ExportController::new(
+            crate::controller::Source::Kube(client),
+            creds,
+            "a".parse().unwrap(),
+        );
+        let mut set = clusterlink_broker::follow::ClusterSet::default();
+        let record = clusterlink_api::ServiceRecord {
+            cluster: "b".parse().unwrap(),
+            namespace: "demo".parse().unwrap(),
+            name: "echo".parse().unwrap(),
+            service_type: clusterlink_api::ServiceType::Headless,
+            ports: Vec::new(),
+            ips: Vec::new(),
+            endpoints: Vec::new(),
+            ready: true,
+            exported_at_unix_ms: 1,
+        };
+        set.services.insert(
+            (
+                record.cluster.clone(),
+                record.namespace.clone(),
+                record.name.clone(),
+            ),
+            record,
+        );
+        controller.reconcile(&set).await.unwrap();
+        let asked = server.await.unwrap();
+        let paths: Vec<String> = asked
+            .iter()
+            .map(|(m, p, _)| format!("{m} {}", p.split('?').next().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "GET /apis/multicluster.x-k8s.io/v1alpha1/serviceexports",
+                "GET /api/v1/services",
+                "GET /apis/discovery.k8s.io/v1/endpointslices",
+                "PATCH /apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceexports/gone/status",
+                "PATCH /apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceimports/echo",
+                "PATCH /apis/multicluster.x-k8s.io/v1alpha1/namespaces/demo/serviceimports/echo/status",
+                "PATCH /apis/discovery.k8s.io/v1/namespaces/demo/endpointslices/echo-b",
+            ]
+        );
+        assert_eq!(
+            asked[3].2["status"]["conditions"][0]["reason"],
+            "ServiceNotFound"
+        );
     }
 
     fn status(code: u16, reason: &str) -> serde_json::Value {

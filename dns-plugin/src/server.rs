@@ -54,8 +54,8 @@ pub struct DnsConfig {
     pub zone: String,
     pub ttl: u32,
     pub policy: Policy,
-    /// Standalone mode: export what this manifest directory says (see [`crate::manifests`]).
-    pub manifests: Option<std::path::PathBuf>,
+    /// Where the export and import controllers work (none: the plugin only answers).
+    pub controllers: Option<crate::controller::Source>,
 }
 
 /// The zone's fixed parts: its name, labels, SOA and NS.
@@ -379,9 +379,9 @@ pub async fn run(
         ..View::default()
     }));
     let mut set = follow(credentials.clone(), &[Kind::Services, Kind::Connections]);
-    let controller = config.manifests.clone().map(|dir| {
+    let controller = config.controllers.clone().map(|source| {
         tokio::spawn(
-            crate::controller::ExportController::new(dir, credentials, local.clone())
+            crate::controller::ExportController::new(source, credentials, local.clone())
                 .run(set.clone()),
         )
     });

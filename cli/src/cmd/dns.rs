@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use clusterlink_dns::answer::Policy;
+use clusterlink_dns::controller::Source;
 use clusterlink_dns::server::{DnsConfig, run as run_dns};
 
 use super::CredentialsArg;
@@ -77,8 +78,13 @@ pub struct RunArgs {
     pub policy: PolicyArg,
     /// Standalone mode: export the Services this directory's ServiceExport manifests name
     /// (with their Service and EndpointSlice manifests); statuses go to DIR/status/.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "kubernetes")]
     pub manifests: Option<std::path::PathBuf>,
+    /// Run the export and import controllers against this cluster's Kubernetes API
+    /// (kubeconfig or in-cluster config): ServiceExport status, ServiceImports and
+    /// EndpointSlices.
+    #[arg(long)]
+    pub kubernetes: bool,
 }
 
 pub async fn run(c: DnsCommand) -> Result<()> {
@@ -92,7 +98,14 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     PolicyArg::RoundRobin => Policy::RoundRobin,
                     PolicyArg::Nearest => Policy::Nearest,
                 },
-                manifests: a.manifests,
+                controllers: match (a.manifests, a.kubernetes) {
+                    (Some(dir), _) => Some(Source::Dir(dir)),
+                    (None, true) => Some(Source::Kube(kube::Client::try_default().await.context(
+                        "Cannot reach the Kubernetes API (no kubeconfig and not in a cluster); \
+                         in standalone mode give --manifests DIR",
+                    )?)),
+                    (None, false) => None,
+                },
             };
             run_dns(config, a.credentials.load()?, shutdown_signal())
                 .await
@@ -104,7 +117,7 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                 zone: "clusterset.local".into(),
                 ttl: 5,
                 policy: Policy::RoundRobin,
-                manifests: None,
+                controllers: None,
             };
             clusterlink_dns::server::serve_fixed(config, synthetic(a.names)?, shutdown_signal())
                 .await
