@@ -19,7 +19,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use clusterlink_api::{ClusterId, ServiceRecord, ServiceType};
+use clusterlink_api::{
+    ClusterId, ConnectionState, ConnectionStatus, DnsLabel, NodeName, ServiceRecord, ServiceType,
+};
 
 /// The query types the zone knows; anything else is NODATA for a name that exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +143,43 @@ impl View {
         local.extend(remote);
         local
     }
+}
+
+/// A tunnel whose last handshake is older than this is not live, whatever its status says:
+/// WireGuard itself rejects a session after 180 s, and rekeys every 120 s while it is used
+/// (the gateways' probes use every tunnel ten times a second).
+pub const HANDSHAKE_FRESH_MS: i64 = 180_000;
+
+/// The view from the broker's records at `now_unix_ms`: every cluster's service records,
+/// and the clusters the local gateway reports a connected tunnel to with a fresh handshake
+/// (with the best RTT over that cluster's gateway nodes).
+pub fn view_of<'a>(
+    local: &ClusterId,
+    services: &'a BTreeMap<(ClusterId, DnsLabel, DnsLabel), ServiceRecord>,
+    connections: &'a BTreeMap<(ClusterId, ClusterId, NodeName), ConnectionStatus>,
+    now_unix_ms: i64,
+) -> View {
+    let mut view = View {
+        local: Some(local.clone()),
+        ..View::default()
+    };
+    for r in services.values() {
+        view.insert(r.clone());
+    }
+    for c in connections.values() {
+        let fresh = c.last_handshake_unix_ms > 0
+            && now_unix_ms.saturating_sub(c.last_handshake_unix_ms) <= HANDSHAKE_FRESH_MS;
+        if &c.from_cluster != local || c.state != ConnectionState::Connected || !fresh {
+            continue;
+        }
+        let rtt = (c.rtt_micros > 0).then(|| Duration::from_micros(c.rtt_micros));
+        let best = view.live.entry(c.to_cluster.clone()).or_insert(rtt);
+        *best = match (*best, rtt) {
+            (Some(b), Some(r)) => Some(b.min(r)),
+            (b, r) => b.or(r),
+        };
+    }
+    view
 }
 
 /// Addresses a record contributes: its cluster IPs, or a headless service's ready endpoints.

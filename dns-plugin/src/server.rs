@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use clusterlink_api::{ClusterId, ConnectionState, Kind};
+use clusterlink_api::{ClusterId, Kind};
 use clusterlink_broker::client::Credentials;
-use clusterlink_broker::follow::{ClusterSet, follow};
+use clusterlink_broker::follow::follow;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{
@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::answer::{Answer, Data, Policy, QType, View, answer};
+use crate::answer::{Answer, Data, Policy, QType, View, answer, view_of};
 
 #[derive(Debug, Error)]
 pub enum DnsError {
@@ -298,30 +298,6 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
-/// The answer core's view from the broker's records: every cluster's service records, and
-/// the clusters the local gateway reports a connected tunnel to (with the best RTT).
-pub fn view_of(local: &ClusterId, set: &ClusterSet) -> View {
-    let mut view = View {
-        local: Some(local.clone()),
-        ..View::default()
-    };
-    for r in set.services.values() {
-        view.insert(r.clone());
-    }
-    for c in set.connections.values() {
-        if &c.from_cluster == local && c.state == ConnectionState::Connected {
-            let rtt = (c.rtt_micros > 0).then(|| Duration::from_micros(c.rtt_micros));
-            let best = view.live.entry(c.to_cluster.clone()).or_insert(rtt);
-            if let (Some(b), Some(r)) = (*best, rtt) {
-                *best = Some(b.min(r));
-            } else if best.is_none() {
-                *best = rtt;
-            }
-        }
-    }
-    view
-}
-
 /// Serves a fixed view (no broker) until `shutdown`: for benchmarks.
 pub async fn serve_fixed(
     config: DnsConfig,
@@ -385,9 +361,23 @@ pub async fn run(
                 .run(set.clone()),
         )
     });
+    // The view follows the broker, and is recomputed every second as well: a tunnel whose
+    // last handshake grows too old leaves it without any record changing.
     let follower = tokio::spawn(async move {
-        while set.changed().await.is_ok() {
-            let view = set.borrow_and_update().as_ref().map(|s| view_of(&local, s));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                changed = set.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let view = set
+                .borrow_and_update()
+                .as_ref()
+                .map(|s| view_of(&local, &s.services, &s.connections, now));
             if let Some(v) = view {
                 view_tx.send_replace(Arc::new(v));
             }

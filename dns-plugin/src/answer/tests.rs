@@ -1,5 +1,5 @@
 use super::*;
-use clusterlink_api::{Endpoint, ServicePort};
+use clusterlink_api::{ConnectionState, ConnectionStatus, Endpoint, ServicePort};
 
 fn labels(s: &str) -> Vec<String> {
     s.trim_end_matches('.')
@@ -275,4 +275,104 @@ fn nxdomain_nodata_and_refused() {
     assert_eq!(q("example.com", QType::A), Answer::Refused);
     assert_eq!(q("local", QType::A), Answer::Refused);
     assert_eq!(q("clusterset.local.evil", QType::A), Answer::Refused);
+}
+
+fn status(
+    from: &str,
+    to: &str,
+    node: &str,
+    state: ConnectionState,
+    rtt_us: u64,
+    hs_ms: i64,
+) -> ConnectionStatus {
+    ConnectionStatus {
+        from_cluster: from.parse().unwrap(),
+        to_cluster: to.parse().unwrap(),
+        to_node: node.parse().unwrap(),
+        state,
+        rtt_micros: rtt_us,
+        last_handshake_unix_ms: hs_ms,
+        tx_bytes: 0,
+        rx_bytes: 0,
+    }
+}
+
+#[test]
+fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
+    let mut services = BTreeMap::new();
+    for (c, ip) in [
+        ("east", "10.101.0.7"),
+        ("west", "10.102.0.7"),
+        ("north", "10.103.0.7"),
+    ] {
+        let r = record(c, &[ip], true);
+        services.insert((r.cluster.clone(), r.namespace.clone(), r.name.clone()), r);
+    }
+    let t0: i64 = 1_800_000_000_000;
+    let mut conns = BTreeMap::new();
+    for s in [
+        // Two gateway nodes of west: the better RTT counts.
+        status(
+            "east",
+            "west",
+            "w-gw0",
+            ConnectionState::Connected,
+            3000,
+            t0,
+        ),
+        status("east", "west", "w-gw1", ConnectionState::Connected, 900, t0),
+        status(
+            "east",
+            "north",
+            "n-gw0",
+            ConnectionState::Connected,
+            2000,
+            t0 - 100_000,
+        ),
+        // What west sees of north is no business of east's answers.
+        status("west", "north", "n-gw0", ConnectionState::Error, 0, t0),
+    ] {
+        conns.insert(
+            (
+                s.from_cluster.clone(),
+                s.to_cluster.clone(),
+                s.to_node.clone(),
+            ),
+            s,
+        );
+    }
+    let local: ClusterId = "east".parse().unwrap();
+    let name = "echo.demo.svc.clusterset.local";
+    let v = view_of(&local, &services, &conns, t0);
+    assert_eq!(
+        v.live[&"west".parse::<ClusterId>().unwrap()],
+        Some(Duration::from_micros(900))
+    );
+    assert_eq!(
+        ips(&ask(&v, Policy::Nearest, 0, name, QType::A)),
+        ["10.101.0.7", "10.102.0.7", "10.103.0.7"]
+    );
+    // 81 s later north's last handshake is 181 s old: it drops out, west stays.
+    let v = view_of(&local, &services, &conns, t0 + 81_000);
+    assert_eq!(
+        ips(&ask(&v, Policy::Nearest, 0, name, QType::A)),
+        ["10.101.0.7", "10.102.0.7"]
+    );
+    // 181 s later every handshake is stale: only the local cluster answers.
+    let v = view_of(&local, &services, &conns, t0 + 181_000);
+    assert_eq!(
+        ips(&ask(&v, Policy::Nearest, 0, name, QType::A)),
+        ["10.101.0.7"]
+    );
+    // A tunnel that says connected but never completed a handshake is not live.
+    conns.insert(
+        (
+            "east".parse().unwrap(),
+            "west".parse().unwrap(),
+            "w-gw9".parse().unwrap(),
+        ),
+        status("east", "west", "w-gw9", ConnectionState::Connected, 1, 0),
+    );
+    let v = view_of(&local, &services, &conns, t0 + 181_000);
+    assert!(v.live.is_empty());
 }
