@@ -13,15 +13,7 @@ use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
 fn up() -> Lab {
-    let specs: Vec<ClusterSpec> = ["a", "b", "c"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 1,
-            nat: false,
-        })
-        .collect();
+    let specs = ClusterSpec::many(&["a", "b", "c"], 1, &[]);
     let lab = Lab::up(Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     lab

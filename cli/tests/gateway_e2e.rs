@@ -20,15 +20,7 @@ use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
 fn specs(nat_c: bool) -> Vec<ClusterSpec> {
-    ["a", "b", "c"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 0,
-            nat: nat_c && *n == "c",
-        })
-        .collect()
+    ClusterSpec::many(&["a", "b", "c"], 0, if nat_c { &["c"] } else { &[] })
 }
 
 fn ping(from: &Netns, to: &str) -> bool {
@@ -169,15 +161,7 @@ fn existing_tunnels_survive_a_broker_outage() {
 /// cluster b's gateway: handshake, then traffic both ways.
 #[test]
 fn interoperates_with_wireguard_go() {
-    let specs: Vec<ClusterSpec> = ["a", "b"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 0,
-            nat: false,
-        })
-        .collect();
+    let specs = ClusterSpec::many(&["a", "b"], 0, &[]);
     let lab = Lab::up(Path::new(BIN), &specs, &|_| {}).unwrap();
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     let a = &lab.state.clusters[0].gateways[0];

@@ -21,15 +21,7 @@ use sha2::{Digest, Sha256};
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
 fn up() -> Lab {
-    let specs: Vec<ClusterSpec> = ["a", "b", "c"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 1,
-            nat: *n == "c",
-        })
-        .collect();
+    let specs = ClusterSpec::many(&["a", "b", "c"], 1, &["c"]);
     let lab = Lab::up(Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     lab.wait_routes(Duration::from_secs(30)).unwrap();

@@ -33,6 +33,22 @@ pub struct ClusterSpec {
     pub nat: bool,
 }
 
+impl ClusterSpec {
+    /// One cluster per name, each with one gateway node and `workers` worker nodes; the
+    /// clusters named in `nat` behind NAT.
+    pub fn many(names: &[&str], workers: usize, nat: &[&str]) -> Vec<ClusterSpec> {
+        names
+            .iter()
+            .map(|n| ClusterSpec {
+                name: (*n).to_owned(),
+                gateways: 1,
+                workers,
+                nat: nat.contains(n),
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

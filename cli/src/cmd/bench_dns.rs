@@ -182,27 +182,7 @@ fn servers(a: &DnsBenchArgs) -> Result<Vec<ServerResult>> {
             "127.0.0.1:53",
         ],
     )?;
-    wait_until("our DNS plugin", Duration::from_secs(10), || {
-        ours.exec(
-            "dig",
-            &[
-                "@127.0.0.1",
-                "+short",
-                "+time=1",
-                "svc0.demo.svc.clusterset.local",
-            ],
-        )
-        .is_ok_and(|o| !o.stdout.is_empty())
-    })?;
-    let (qps, ms, lost) = dnsperf(&ours, 53, &queries, a)?;
-    bed.kill(pid);
-    out.push(ServerResult {
-        server: "clusterlink dns".into(),
-        queries_per_s: qps,
-        avg_latency_ms: ms,
-        lost,
-        vs_knot: None,
-    });
+    out.push(measure(&bed, &ours, pid, "clusterlink dns", &queries, a)?);
 
     progress("Knot DNS");
     let knot = bed.namespace("dns-knot")?;
@@ -226,8 +206,25 @@ fn servers(a: &DnsBenchArgs) -> Result<Vec<ServerResult>> {
         "knotd",
         &["-c", &conf.display().to_string()],
     )?;
-    wait_until("Knot DNS", Duration::from_secs(20), || {
-        knot.exec(
+    out.push(measure(&bed, &knot, pid, "Knot DNS (knotd)", &queries, a)?);
+    let knot_qps = out[1].queries_per_s;
+    for r in &mut out {
+        r.vs_knot = (knot_qps > 0.0).then(|| r.queries_per_s / knot_qps);
+    }
+    Ok(out)
+}
+
+/// Waits until the server in `ns` answers, runs dnsperf against it, and stops it.
+fn measure(
+    bed: &Testbed,
+    ns: &Netns,
+    pid: u32,
+    server: &str,
+    queries: &Path,
+    a: &DnsBenchArgs,
+) -> Result<ServerResult> {
+    wait_until(server, Duration::from_secs(20), || {
+        ns.exec(
             "dig",
             &[
                 "@127.0.0.1",
@@ -238,20 +235,16 @@ fn servers(a: &DnsBenchArgs) -> Result<Vec<ServerResult>> {
         )
         .is_ok_and(|o| !o.stdout.is_empty())
     })?;
-    let (qps, ms, lost) = dnsperf(&knot, 53, &queries, a)?;
+    let measured = dnsperf(ns, 53, queries, a);
     bed.kill(pid);
-    out.push(ServerResult {
-        server: "Knot DNS (knotd)".into(),
+    let (qps, ms, lost) = measured?;
+    Ok(ServerResult {
+        server: server.into(),
         queries_per_s: qps,
         avg_latency_ms: ms,
         lost,
         vs_knot: None,
-    });
-    let knot_qps = out[1].queries_per_s;
-    for r in &mut out {
-        r.vs_knot = (knot_qps > 0.0).then(|| r.queries_per_s / knot_qps);
-    }
-    Ok(out)
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -261,15 +254,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn discovery(rounds: usize) -> Result<Vec<Timing>> {
     let bin = std::env::current_exe()?;
-    let specs: Vec<ClusterSpec> = ["a", "b", "c"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 1,
-            nat: false,
-        })
-        .collect();
+    let specs = ClusterSpec::many(&["a", "b", "c"], 1, &[]);
     progress("a three-cluster lab");
     let lab = Lab::up(&bin, &specs, &|s| progress(s))?;
     lab.wait_connected(Duration::from_secs(60))?;

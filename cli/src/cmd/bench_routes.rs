@@ -317,15 +317,7 @@ fn programming(bed: &Testbed, n: usize) -> Result<Vec<Step>> {
 
 fn throughput(seconds: u32) -> Result<Vec<PathThroughput>> {
     let bin = std::env::current_exe()?;
-    let specs: Vec<ClusterSpec> = ["a", "b"]
-        .iter()
-        .map(|n| ClusterSpec {
-            name: n.to_string(),
-            gateways: 1,
-            workers: 1,
-            nat: false,
-        })
-        .collect();
+    let specs = ClusterSpec::many(&["a", "b"], 1, &[]);
     progress("a two-cluster lab");
     let lab = Lab::up(Path::new(&bin), &specs, &|s| progress(s))?;
     lab.wait_connected(Duration::from_secs(60))?;
