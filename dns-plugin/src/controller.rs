@@ -211,8 +211,7 @@ impl ExportController {
     async fn write_imports(&mut self, set: &ClusterSet) {
         let mut want = BTreeMap::new();
         for i in crate::import::imports(set.services.values()) {
-            let ns = i.import.metadata.namespace.clone().unwrap_or_default();
-            let name = i.import.metadata.name.clone().unwrap_or_default();
+            let (ns, name) = i.key();
             let file = format!("serviceimport.{ns}.{name}.yaml");
             let mut docs = vec![serde_saphyr::to_string(&i.import)];
             docs.extend(i.slices.iter().map(serde_saphyr::to_string));
@@ -235,15 +234,8 @@ impl ExportController {
             };
             match written {
                 Ok(()) => {
-                    let ns = imported
-                        .import
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_default();
-                    let name = imported.import.metadata.name.clone().unwrap_or_default();
                     self.imported
-                        .insert(file.clone(), (text.clone(), (ns, name)));
+                        .insert(file.clone(), (text.clone(), imported.key()));
                 }
                 Err(e) => warn!(file, error = %e, "cannot write an import"),
             }

@@ -26,6 +26,17 @@ pub struct Imported {
     pub slices: Vec<EndpointSlice>,
 }
 
+impl Imported {
+    /// The service's namespace and name.
+    pub fn key(&self) -> (String, String) {
+        let m = &self.import.metadata;
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
 pub fn imports<'a>(records: impl IntoIterator<Item = &'a ServiceRecord>) -> Vec<Imported> {
     let mut by_name: BTreeMap<(String, String), Vec<&ServiceRecord>> = BTreeMap::new();
     for r in records {

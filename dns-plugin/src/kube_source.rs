@@ -64,13 +64,7 @@ pub async fn write_status(
 
 /// Applies a ServiceImport (then its status) and its EndpointSlices.
 pub async fn apply_import(client: Client, imported: &Imported) -> Result<(), KubeError> {
-    let ns = imported
-        .import
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_default();
-    let name = imported.import.metadata.name.clone().unwrap_or_default();
+    let (ns, name) = imported.key();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut import = imported.import.clone();
     let status = import.status.take();
@@ -326,17 +320,7 @@ mod tests {
             "ServiceNotFound"
         );
 
-        let record = clusterlink_api::ServiceRecord {
-            cluster: "b".parse().unwrap(),
-            namespace: "demo".parse().unwrap(),
-            name: "echo".parse().unwrap(),
-            service_type: clusterlink_api::ServiceType::Headless,
-            ports: Vec::new(),
-            ips: Vec::new(),
-            endpoints: Vec::new(),
-            ready: true,
-            exported_at_unix_ms: 1,
-        };
+        let record = exported_by_b();
         let imported = crate::import::imports([&record]).remove(0);
         let (client, server) = serve(3, |_, path| {
             if path.contains("endpointslices") {
@@ -413,17 +397,7 @@ mod tests {
             "a".parse().unwrap(),
         );
         let mut set = clusterlink_broker::follow::ClusterSet::default();
-        let record = clusterlink_api::ServiceRecord {
-            cluster: "b".parse().unwrap(),
-            namespace: "demo".parse().unwrap(),
-            name: "echo".parse().unwrap(),
-            service_type: clusterlink_api::ServiceType::Headless,
-            ports: Vec::new(),
-            ips: Vec::new(),
-            endpoints: Vec::new(),
-            ready: true,
-            exported_at_unix_ms: 1,
-        };
+        let record = exported_by_b();
         set.services.insert(
             (
                 record.cluster.clone(),
@@ -454,6 +428,21 @@ mod tests {
             asked[3].2["status"]["conditions"][0]["reason"],
             "ServiceNotFound"
         );
+    }
+
+    /// Cluster b's headless export demo/echo.
+    fn exported_by_b() -> clusterlink_api::ServiceRecord {
+        clusterlink_api::ServiceRecord {
+            cluster: "b".parse().unwrap(),
+            namespace: "demo".parse().unwrap(),
+            name: "echo".parse().unwrap(),
+            service_type: clusterlink_api::ServiceType::Headless,
+            ports: Vec::new(),
+            ips: Vec::new(),
+            endpoints: Vec::new(),
+            ready: true,
+            exported_at_unix_ms: 1,
+        }
     }
 
     fn status(code: u16, reason: &str) -> serde_json::Value {
