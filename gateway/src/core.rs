@@ -69,9 +69,9 @@ pub struct Counters {
 }
 
 struct Peer {
+    key: PeerKey,
     spec: PeerSpec,
     session: Session,
-    index: u32,
     /// The address the peer was last authenticated from.
     endpoint: Option<SocketAddr>,
     probes: VecDeque<(u64, Instant)>,
@@ -82,15 +82,20 @@ struct Peer {
 pub struct GatewayCore {
     secret: StaticSecret,
     public: PublicKey,
-    peers: BTreeMap<PeerKey, Peer>,
-    by_index: HashMap<u32, PeerKey>,
-    by_key: HashMap<[u8; 32], PeerKey>,
+    /// By session index: the per-packet paths look peers up by the index a datagram carries
+    /// (or a route yields), never by name.
+    peers: HashMap<u32, Peer>,
+    by_name: BTreeMap<PeerKey, u32>,
+    by_key: HashMap<[u8; 32], u32>,
     /// Longest prefix first.
-    routes: Vec<(IpNet, PeerKey)>,
+    routes: Vec<(IpNet, u32)>,
     next_index: u32,
     transmits: VecDeque<Transmit>,
     to_tun: VecDeque<Vec<u8>>,
+    /// Scratch for control messages (handshakes, timers).
     buf: Vec<u8>,
+    /// Packet buffers handed back by the shell once written, reused instead of allocated.
+    pool: BufPool,
     next_tick: Option<Instant>,
     probe_seq: u64,
     /// Bytes left free in front of each packet for the TUN device (its virtio header).
@@ -137,14 +142,15 @@ impl GatewayCore {
         Self {
             secret,
             public,
-            peers: BTreeMap::new(),
-            by_index: HashMap::new(),
+            peers: HashMap::new(),
+            by_name: BTreeMap::new(),
             by_key: HashMap::new(),
             routes: Vec::new(),
             next_index: 1,
             transmits: VecDeque::new(),
             to_tun: VecDeque::new(),
             buf: vec![0; wg::MAX_DATAGRAM],
+            pool: BufPool::default(),
             next_tick: None,
             probe_seq: 0,
             tun_headroom: 0,
@@ -171,31 +177,34 @@ impl GatewayCore {
             .map(|s| ((s.cluster.clone(), s.node.clone()), s))
             .collect();
         let gone: Vec<PeerKey> = self
-            .peers
+            .by_name
             .keys()
             .filter(|k| !wanted.contains_key(*k))
             .cloned()
             .collect();
         for key in gone {
-            if let Some(p) = self.peers.remove(&key) {
+            if let Some(p) = self
+                .by_name
+                .remove(&key)
+                .and_then(|i| self.peers.remove(&i))
+            {
                 info!(cluster = %key.0, node = %key.1, "peer removed");
-                self.by_index.remove(&p.index);
                 self.by_key.remove(&p.spec.public_key);
             }
         }
         let mut added = Vec::new();
         for (key, spec) in wanted {
-            match self.peers.get_mut(&key) {
+            let existing = self.by_name.get(&key).copied();
+            match existing.and_then(|i| self.peers.get_mut(&i)) {
                 Some(p) if p.spec.public_key == spec.public_key => {
                     if p.spec.endpoints != spec.endpoints {
                         debug!(cluster = %key.0, node = %key.1, "peer endpoints changed");
                     }
                     p.spec = spec;
                 }
-                existing => {
-                    if let Some(old) = existing {
+                _ => {
+                    if let Some(old) = existing.and_then(|i| self.peers.remove(&i)) {
                         info!(cluster = %key.0, node = %key.1, "peer key changed; new session");
-                        self.by_index.remove(&old.index);
                         self.by_key.remove(&old.spec.public_key);
                     } else {
                         info!(cluster = %key.0, node = %key.1, "peer added");
@@ -204,15 +213,15 @@ impl GatewayCore {
                     self.next_index = (self.next_index + 1) & 0x00ff_ffff;
                     let session =
                         Session::new(&self.secret, &spec.public_key, Some(KEEPALIVE_SECS), index);
-                    self.by_index.insert(index, key.clone());
-                    self.by_key.insert(spec.public_key, key.clone());
-                    added.push(key.clone());
+                    self.by_name.insert(key.clone(), index);
+                    self.by_key.insert(spec.public_key, index);
+                    added.push(index);
                     self.peers.insert(
-                        key.clone(),
+                        index,
                         Peer {
+                            key,
                             spec,
                             session,
-                            index,
                             endpoint: None,
                             probes: VecDeque::new(),
                             rtt: None,
@@ -222,26 +231,28 @@ impl GatewayCore {
                 }
             }
         }
+        // In name order, so that equal prefixes resolve the same way on every run.
         self.routes = self
-            .peers
-            .iter()
+            .by_name
+            .values()
+            .filter_map(|i| self.peers.get(i).map(|p| (*i, p)))
             .filter(|(_, p)| p.spec.active)
-            .flat_map(|(k, p)| p.spec.cidrs.iter().map(move |c| (*c, k.clone())))
+            .flat_map(|(i, p)| p.spec.cidrs.iter().map(move |c| (*c, i)))
             .collect();
         self.routes
             .sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
         // Warm every new session now rather than on first traffic.
         let mut buf = std::mem::take(&mut self.buf);
-        for key in added {
-            let init = self
-                .peers
-                .get_mut(&key)
-                .and_then(|p| match p.session.initiate(&mut buf) {
-                    Output::Network(b) => Some(b.to_vec()),
-                    _ => None,
-                });
+        for index in added {
+            let init =
+                self.peers
+                    .get_mut(&index)
+                    .and_then(|p| match p.session.initiate(&mut buf) {
+                        Output::Network(b) => Some(b.to_vec()),
+                        _ => None,
+                    });
             if let Some(b) = init {
-                self.send(&key, b);
+                self.send(index, b);
             }
         }
         self.buf = buf;
@@ -249,17 +260,20 @@ impl GatewayCore {
         self.next_tick = Some(now);
     }
 
-    fn route(&self, dst: IpAddr) -> Option<&PeerKey> {
+    fn route(&self, dst: IpAddr) -> Option<u32> {
         self.routes
             .iter()
             .find(|(net, _)| net.contains(&dst))
-            .map(|(_, k)| k)
+            .map(|(_, i)| *i)
     }
 
     /// Queues `payload` for the peer: moved, not copied, except for a handshake sent to
     /// several candidate addresses.
-    fn send(&mut self, key: &PeerKey, payload: Vec<u8>) {
-        let Some(p) = self.peers.get(key) else { return };
+    fn send(&mut self, index: u32, payload: Vec<u8>) {
+        let Some(p) = self.peers.get(&index) else {
+            self.pool.give(payload);
+            return;
+        };
         match p.endpoint {
             Some(dst) => self.transmits.push_back(Transmit { dst, payload }),
             // Until the peer has answered, handshakes try every address it may be at.
@@ -271,105 +285,118 @@ impl GatewayCore {
                     });
                 }
             }
-            None => {
-                if let Some(dst) = p.spec.endpoints.first() {
-                    self.transmits.push_back(Transmit { dst: *dst, payload });
-                }
-            }
+            None => match p.spec.endpoints.first() {
+                Some(dst) => self.transmits.push_back(Transmit { dst: *dst, payload }),
+                None => self.pool.give(payload),
+            },
         }
     }
 
     /// A packet read from the TUN device.
     pub fn handle_tun_packet(&mut self, packet: &[u8], _now: Instant) {
-        let Some(key) = dst_addr(packet).and_then(|d| self.route(d)).cloned() else {
+        let Some(index) = dst_addr(packet).and_then(|d| self.route(d)) else {
             self.counters.no_route += 1;
             trace!("no route for packet from TUN");
             return;
         };
-        self.encapsulate_to(&key, packet);
+        self.encapsulate_to(index, packet);
     }
 
-    fn encapsulate_to(&mut self, key: &PeerKey, packet: &[u8]) {
-        let mut buf = std::mem::take(&mut self.buf);
-        if let Some(p) = self.peers.get_mut(key) {
-            match p.session.encapsulate(packet, &mut buf) {
-                // The one copy out of the reused scratch buffer.
-                Output::Network(b) => {
-                    let b = b.to_vec();
-                    self.send(key, b);
-                }
-                Output::Error(e) => {
-                    self.counters.wireguard_errors += 1;
-                    debug!(error = %e, "encapsulate failed");
-                }
-                _ => {}
+    /// Encrypts straight into a pooled buffer, which becomes the transmit's payload.
+    fn encapsulate_to(&mut self, index: u32, packet: &[u8]) {
+        let Some(p) = self.peers.get_mut(&index) else {
+            return;
+        };
+        let mut out = self.pool.take(wg::output_room(packet.len()));
+        let produced = match p.session.encapsulate(packet, &mut out) {
+            Output::Network(b) => Some(b.len()),
+            Output::Error(e) => {
+                self.counters.wireguard_errors += 1;
+                debug!(error = %e, "encapsulate failed");
+                None
             }
+            // Queued inside the session until its handshake completes.
+            _ => None,
+        };
+        match produced {
+            Some(len) => {
+                out.truncate(len);
+                self.send(index, out);
+            }
+            None => self.pool.give(out),
         }
-        self.buf = buf;
     }
 
     /// A datagram received on the UDP socket.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        let key = match wg::receiver_index(datagram) {
-            Some(idx) => self.by_index.get(&idx).cloned(),
+        let index = match wg::receiver_index(datagram) {
+            Some(idx) => Some(idx),
             None => wg::initiator_key(&self.secret, &self.public, datagram)
-                .and_then(|k| self.by_key.get(&k).cloned()),
+                .and_then(|k| self.by_key.get(&k).copied()),
         };
-        let Some(key) = key else {
+        let Some(p) = index.and_then(|i| self.peers.get_mut(&i)) else {
             self.counters.unknown_peer += 1;
             trace!(%from, "datagram from no known peer");
             return;
         };
-        let mut buf = std::mem::take(&mut self.buf);
+        let index = p.session.index();
+        let headroom = self.tun_headroom;
+        // Decrypted in place behind the TUN device's header room: no copy on the way out.
+        let mut packet = self.pool.take(headroom + wg::output_room(datagram.len()));
+        packet[..headroom].fill(0);
         let mut replies: Vec<Vec<u8>> = Vec::new();
-        let mut delivered: Option<(Vec<u8>, IpAddr)> = None;
+        let mut delivered: Option<(usize, IpAddr)> = None;
         let mut ok = false;
-        if let Some(p) = self.peers.get_mut(&key) {
-            match p.session.decapsulate(from.ip(), datagram, &mut buf) {
-                Output::Network(b) => {
+        match p
+            .session
+            .decapsulate(from.ip(), datagram, &mut packet[headroom..])
+        {
+            Output::Network(b) => {
+                replies.push(b.to_vec());
+                ok = true;
+                let mut buf = std::mem::take(&mut self.buf);
+                while let Output::Network(b) = p.session.flush(&mut buf) {
                     replies.push(b.to_vec());
-                    ok = true;
-                    while let Output::Network(b) = p.session.flush(&mut buf) {
-                        replies.push(b.to_vec());
-                    }
                 }
-                Output::Tunnel(b, src) => {
-                    let mut packet = Vec::with_capacity(self.tun_headroom + b.len());
-                    packet.resize(self.tun_headroom, 0);
-                    packet.extend_from_slice(b);
-                    delivered = Some((packet, src));
-                    ok = true;
-                }
-                Output::Nothing => ok = true,
-                Output::Error(e) => {
-                    self.counters.wireguard_errors += 1;
-                    debug!(error = %e, %from, "decapsulate failed");
-                }
+                self.buf = buf;
             }
-            if ok && p.endpoint != Some(from) {
-                // Authenticated from here: this is where the peer is now (roaming, NAT).
-                info!(cluster = %key.0, node = %key.1, %from, "peer endpoint learned");
-                p.endpoint = Some(from);
+            Output::Tunnel(b, src) => {
+                delivered = Some((b.len(), src));
+                ok = true;
+            }
+            Output::Nothing => ok = true,
+            Output::Error(e) => {
+                self.counters.wireguard_errors += 1;
+                debug!(error = %e, %from, "decapsulate failed");
             }
         }
-        self.buf = buf;
+        if ok && p.endpoint != Some(from) {
+            // Authenticated from here: this is where the peer is now (roaming, NAT).
+            info!(cluster = %p.key.0, node = %p.key.1, %from, "peer endpoint learned");
+            p.endpoint = Some(from);
+        }
         for r in replies {
             self.transmits.push_back(Transmit {
                 dst: from,
                 payload: r,
             });
         }
-        if let Some((packet, src)) = delivered {
-            self.deliver(&key, packet, src, now);
+        match delivered {
+            Some((len, src)) => {
+                packet.truncate(headroom + len);
+                self.deliver(index, packet, src, now);
+            }
+            None => self.pool.give(packet),
         }
     }
 
-    fn deliver(&mut self, key: &PeerKey, packet: Vec<u8>, src: IpAddr, now: Instant) {
+    fn deliver(&mut self, index: u32, packet: Vec<u8>, src: IpAddr, now: Instant) {
         if let Some((kind, seq)) = parse_probe(&packet[self.tun_headroom..]) {
+            self.pool.give(packet);
             match kind {
-                1 => self.encapsulate_to(key, &probe_packet(2, seq)),
+                1 => self.encapsulate_to(index, &probe_packet(2, seq)),
                 2 => {
-                    if let Some(p) = self.peers.get_mut(key)
+                    if let Some(p) = self.peers.get_mut(&index)
                         && let Some(pos) = p.probes.iter().position(|(s, _)| *s == seq)
                     {
                         let (_, sent) = p.probes[pos];
@@ -385,11 +412,12 @@ impl GatewayCore {
         // AllowedIPs: a peer may only send from its own cluster's CIDRs.
         let allowed = self
             .peers
-            .get(key)
+            .get(&index)
             .is_some_and(|p| p.spec.cidrs.iter().any(|c| c.contains(&src)));
         if allowed {
             self.to_tun.push_back(packet);
         } else {
+            self.pool.give(packet);
             self.counters.not_allowed += 1;
             trace!(%src, "source not allowed for this peer");
         }
@@ -401,35 +429,33 @@ impl GatewayCore {
             return;
         }
         self.next_tick = Some(now + TICK);
-        let keys: Vec<PeerKey> = self.peers.keys().cloned().collect();
-        let mut buf = std::mem::take(&mut self.buf);
-        for key in &keys {
-            let mut out = Vec::new();
+        let indices: Vec<u32> = self.by_name.values().copied().collect();
+        for index in indices {
+            let mut buf = std::mem::take(&mut self.buf);
+            let mut out = None;
             let mut probe = false;
-            if let Some(p) = self.peers.get_mut(key) {
+            if let Some(p) = self.peers.get_mut(&index) {
                 if let Output::Network(b) = p.session.tick(&mut buf) {
-                    out.push(b.to_vec());
+                    out = Some(b.to_vec());
                 }
                 probe = p.session.stats().0.is_some();
             }
-            for b in out {
-                self.send(key, b);
+            self.buf = buf;
+            if let Some(b) = out {
+                self.send(index, b);
             }
             if probe {
                 self.probe_seq += 1;
                 let seq = self.probe_seq;
-                if let Some(p) = self.peers.get_mut(key) {
+                if let Some(p) = self.peers.get_mut(&index) {
                     p.probes.push_back((seq, now));
                     while p.probes.len() > 32 {
                         p.probes.pop_front();
                     }
                 }
-                self.buf = std::mem::take(&mut buf);
-                self.encapsulate_to(key, &probe_packet(1, seq));
-                buf = std::mem::take(&mut self.buf);
+                self.encapsulate_to(index, &probe_packet(1, seq));
             }
         }
-        self.buf = buf;
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -450,10 +476,17 @@ impl GatewayCore {
         self.to_tun.pop_front()
     }
 
+    /// Gives back a buffer from [`poll_tun`](Self::poll_tun) or a [`Transmit`] once it has
+    /// been written, so the next packet reuses it.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.pool.give(buf);
+    }
+
     pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
-        self.peers
+        self.by_name
             .iter()
-            .map(|((cluster, node), p)| {
+            .filter_map(|((cluster, node), i)| self.peers.get(i).map(|p| (cluster, node, p)))
+            .map(|(cluster, node, p)| {
                 let (since_handshake, tx_bytes, rx_bytes) = p.session.stats();
                 let live = p
                     .last_reply
@@ -477,6 +510,38 @@ impl GatewayCore {
                 }
             })
             .collect()
+    }
+}
+
+/// Packet buffers kept for reuse. Each is allocated once with room for the largest packet
+/// the TUN device may coalesce into it, so a buffer never reallocates on its way through.
+/// A buffer comes back with its length, so taking it again zeroes only what it grew by: its
+/// old bytes are overwritten by whoever fills it (and cut off after), and the header room is
+/// zeroed where it is used.
+#[derive(Default)]
+struct BufPool {
+    free: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    /// Buffers kept at most (about 17 MB of address space; pages are touched only as used).
+    const KEEP: usize = 256;
+    const CAPACITY: usize = wg::MAX_DATAGRAM + 64;
+
+    /// A buffer of `len` bytes, not necessarily zeroed.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .free
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(Self::CAPACITY.max(len)));
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&mut self, b: Vec<u8>) {
+        if self.free.len() < Self::KEEP && b.capacity() >= Self::CAPACITY {
+            self.free.push(b);
+        }
     }
 }
 

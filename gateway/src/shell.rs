@@ -165,6 +165,7 @@ pub async fn run(
     let mut tun_out: Vec<Vec<u8>> = Vec::new();
     let mut gro = tun_rs::GROTable::default();
     let mut outgoing = std::collections::VecDeque::new();
+    let mut spent: Vec<Vec<u8>> = Vec::new();
     let mut status_at = Instant::now();
     tokio::pin!(shutdown);
     loop {
@@ -219,10 +220,12 @@ pub async fn run(
             }
         }
         core.drain_transmits(&mut outgoing);
-        udp.send_all(&mut outgoing).await;
+        udp.send_all(&mut outgoing, &mut spent).await;
+        for b in spent.drain(..) {
+            core.recycle(b);
+        }
         // Decrypted packets go to the TUN device together, so TCP segments can be coalesced
         // (GRO) into fewer writes; each needs room in front for the virtio header.
-        tun_out.clear();
         while let Some(p) = core.poll_tun() {
             tun_out.push(p);
         }
@@ -232,6 +235,9 @@ pub async fn run(
                 .await
         {
             debug!(error = %e, "TUN write failed");
+        }
+        for b in tun_out.drain(..) {
+            core.recycle(b);
         }
         let now = Instant::now();
         if now.duration_since(status_at) >= Duration::from_millis(500) {

@@ -70,8 +70,9 @@ impl BatchedUdp {
     }
 
     /// Sends every transmit, folding runs of equal-size datagrams to the same peer into GSO
-    /// sends. Waits for room when the socket is full.
-    pub async fn send_all(&mut self, queue: &mut VecDeque<Transmit>) {
+    /// sends. Waits for room when the socket is full. Each payload goes to `spent` once
+    /// copied out, for reuse.
+    pub async fn send_all(&mut self, queue: &mut VecDeque<Transmit>, spent: &mut Vec<Vec<u8>>) {
         let max_segments = self.state.max_gso_segments().max(1);
         while let Some(first) = queue.pop_front() {
             let size = first.payload.len();
@@ -83,12 +84,14 @@ impl BatchedUdp {
                     Some(next) if next.dst == first.dst && next.payload.len() == size => {
                         if let Some(next) = queue.pop_front() {
                             self.gso.extend_from_slice(&next.payload);
+                            spent.push(next.payload);
                             segments += 1;
                         }
                     }
                     _ => break,
                 }
             }
+            spent.push(first.payload);
             let transmit = UdpTransmit {
                 destination: first.dst,
                 ecn: None,

@@ -14,6 +14,17 @@ pub use boringtun::x25519::{PublicKey, StaticSecret};
 /// Largest datagram a session produces or takes.
 pub const MAX_DATAGRAM: usize = 65_535 + 32;
 
+/// Bytes a data message adds to the packet it carries (header and tag).
+const DATA_OVERHEAD: usize = 32;
+/// The largest handshake message (an initiation).
+const HANDSHAKE_MAX: usize = 148;
+
+/// Room a session needs to write what `input_len` bytes in (either way) may produce: a data
+/// message, or a handshake message sent in its place.
+pub fn output_room(input_len: usize) -> usize {
+    (input_len + DATA_OVERHEAD).max(HANDSHAKE_MAX)
+}
+
 /// What a call into a session produced; the bytes live in the caller's buffer.
 #[derive(Debug)]
 pub enum Output<'a> {
@@ -38,6 +49,7 @@ fn convert(r: TunnResult<'_>) -> Output<'_> {
 /// A WireGuard session with one peer.
 pub struct Session {
     tunn: Tunn,
+    index: u32,
 }
 
 impl Session {
@@ -52,7 +64,13 @@ impl Session {
                 index,
                 None,
             ),
+            index,
         }
+    }
+
+    /// The index given at creation: datagrams for this session carry it.
+    pub fn index(&self) -> u32 {
+        self.index
     }
 
     pub fn encapsulate<'a>(&mut self, packet: &[u8], buf: &'a mut [u8]) -> Output<'a> {
