@@ -28,6 +28,22 @@ const REGISTRY_VERSION_KEY: &str = "internal/registry-version";
 const TOKEN_PREFIX: &str = "internal/tokens/";
 const LEASE_OWNER_PREFIX: &str = "internal/lease-owners/";
 const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+/// Shortest lease granted: below it a healthy holder cannot keep up with its keepalives.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(200);
+
+/// The TTL a grant asks for, clamped to what the broker grants.
+fn lease_ttl(req: &proto::GrantLeaseRequest) -> Duration {
+    let ttl = if req.ttl_millis > 0 {
+        Duration::from_millis(u64::from(req.ttl_millis)).max(MIN_LEASE_TTL)
+    } else {
+        Duration::from_secs(u64::from(req.ttl_seconds.max(1)))
+    };
+    ttl.min(MAX_LEASE_TTL)
+}
+
+fn ttl_secs_up(ttl: Duration) -> u32 {
+    ttl.as_millis().div_ceil(1000) as u32
+}
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -620,8 +636,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
     ) -> Result<Response<proto::GrantLeaseResponse>, Status> {
         let identity = Self::identity(&request)?;
         let id = self.live_cluster(&identity).await?;
-        let ttl =
-            Duration::from_secs(u64::from(request.get_ref().ttl_seconds.max(1))).min(MAX_LEASE_TTL);
+        let ttl = lease_ttl(request.get_ref());
         let lease = self
             .store
             .grant_lease(ttl)
@@ -637,7 +652,8 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             .map_err(ServiceError::from)?;
         Ok(Response::new(proto::GrantLeaseResponse {
             lease_id: lease,
-            ttl_seconds: ttl.as_secs() as u32,
+            ttl_seconds: ttl_secs_up(ttl),
+            ttl_millis: ttl.as_millis() as u32,
         }))
     }
 
@@ -655,7 +671,8 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(proto::KeepAliveResponse {
-            ttl_seconds: ttl.as_secs() as u32,
+            ttl_seconds: ttl_secs_up(ttl),
+            ttl_millis: ttl.as_millis() as u32,
         }))
     }
 
@@ -702,5 +719,29 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         Ok(Response::new(proto::WhoAmIResponse {
             identity: identity.to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod lease_ttl_tests {
+    use super::*;
+
+    fn req(ttl_seconds: u32, ttl_millis: u32) -> proto::GrantLeaseRequest {
+        proto::GrantLeaseRequest {
+            ttl_seconds,
+            ttl_millis,
+        }
+    }
+
+    #[test]
+    fn milliseconds_win_and_both_units_are_clamped() {
+        assert_eq!(lease_ttl(&req(10, 0)), Duration::from_secs(10));
+        assert_eq!(lease_ttl(&req(10, 800)), Duration::from_millis(800));
+        assert_eq!(lease_ttl(&req(0, 0)), Duration::from_secs(1));
+        assert_eq!(lease_ttl(&req(0, 5)), MIN_LEASE_TTL);
+        assert_eq!(lease_ttl(&req(100_000, 0)), MAX_LEASE_TTL);
+        assert_eq!(lease_ttl(&req(0, 4_000_000)), MAX_LEASE_TTL);
+        assert_eq!(ttl_secs_up(Duration::from_millis(800)), 1);
+        assert_eq!(ttl_secs_up(Duration::from_millis(2001)), 3);
     }
 }

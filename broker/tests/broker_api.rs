@@ -604,7 +604,10 @@ async fn leases_belong_to_their_cluster_and_take_records_with_them() {
         .await
         .unwrap();
     let lease = east
-        .grant_lease(proto::GrantLeaseRequest { ttl_seconds: 10 })
+        .grant_lease(proto::GrantLeaseRequest {
+            ttl_seconds: 10,
+            ttl_millis: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -628,6 +631,45 @@ async fn leases_belong_to_their_cluster_and_take_records_with_them() {
         .unwrap();
     store.revoke_lease(lease).await.unwrap();
     assert!(store.get("gateways/east/gw-0").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_lease_in_milliseconds_lapses_and_takes_its_records() {
+    let (b, store) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let granted = east
+        .grant_lease(proto::GrantLeaseRequest {
+            ttl_seconds: 0,
+            ttl_millis: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((granted.ttl_millis, granted.ttl_seconds), (300, 1));
+    let mut req = publish(gateway("east", "gw-0"));
+    req.lease_id = granted.lease_id;
+    east.publish(req).await.unwrap();
+    let renewed = east
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: granted.lease_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.ttl_millis, 300);
+    // Not renewed again: the record goes with the lease.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.get("gateways/east/gw-0").await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the record outlived its 300 ms lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

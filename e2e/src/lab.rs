@@ -311,21 +311,20 @@ impl Lab {
         })
     }
 
-    /// Waits until every gateway reports a connected tunnel to every other cluster's gateways.
+    /// Waits until every cluster's active gateway reports a connected tunnel to every other
+    /// cluster's gateways (passive ones too: their sessions are kept warm).
     pub fn wait_connected(&self, timeout: Duration) -> Result<(), TestbedError> {
         let expected: usize = self
             .state
             .clusters
             .iter()
             .map(|c| {
-                c.gateways.len()
-                    * self
-                        .state
-                        .clusters
-                        .iter()
-                        .filter(|o| o.name != c.name)
-                        .map(|o| o.gateways.len())
-                        .sum::<usize>()
+                self.state
+                    .clusters
+                    .iter()
+                    .filter(|o| o.name != c.name)
+                    .map(|o| o.gateways.len())
+                    .sum::<usize>()
             })
             .sum();
         wait_until("every tunnel to connect", timeout, || {
@@ -372,6 +371,38 @@ impl Lab {
         wait_until("echo.demo.svc to resolve everywhere", timeout, || {
             (0..n).all(|c| resolve(&self.worker(c).pod.ns(), ECHO_NAME).len() == n)
         })
+    }
+
+    /// `show gateways -o json` as the admin.
+    pub fn gateways(&self) -> Result<Vec<serde_json::Value>, TestbedError> {
+        let admin = self.state.admin_credentials.display().to_string();
+        let out = self.clusterlink(&["show", "gateways", "-o", "json", "--credentials", &admin])?;
+        serde_json::from_str(&out).map_err(|e| TestbedError::Command {
+            command: "show gateways".into(),
+            stderr: e.to_string(),
+        })
+    }
+
+    /// The nodes of a cluster's gateways that the broker lists as active.
+    pub fn active_gateways(&self, cluster: usize) -> Vec<String> {
+        let name = &self.state.clusters[cluster].name;
+        self.gateways()
+            .unwrap_or_default()
+            .iter()
+            .filter(|g| g["cluster"] == name.as_str() && g["role"] == "active")
+            .filter_map(|g| g["node"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Kills gateway `k` of a cluster (SIGKILL: no hand-over).
+    pub fn kill_gateway(&self, cluster: usize, k: usize) {
+        self.bed.kill(self.state.clusters[cluster].gateways[k].pid);
+    }
+
+    /// Stops gateway `k` of a cluster with SIGTERM and waits for it to exit.
+    pub fn terminate_gateway(&self, cluster: usize, k: usize) -> bool {
+        self.bed
+            .terminate(self.state.clusters[cluster].gateways[k].pid)
     }
 
     /// Stops the broker (the data plane must not notice).

@@ -5,10 +5,10 @@
 //! (this gateway's endpoint under a lease, and its tunnels' status). The data plane never
 //! waits on the broker: through a broker outage it keeps the last peers it had.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -16,13 +16,14 @@ use clusterlink_api::{
     ClusterId, ConnectionStatus, GatewayEndpoint, GatewayRole, Kind, NodeName, Record, proto,
 };
 use clusterlink_broker::client::{ClientError, Credentials, connect_with};
-use clusterlink_broker::follow::follow;
+use clusterlink_broker::follow::{ClusterSet, follow};
 use thiserror::Error;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
+use crate::election::decide_role;
 use crate::view::peer_specs;
 use crate::wg::{MAX_DATAGRAM, StaticSecret};
 
@@ -62,6 +63,9 @@ pub struct GatewayConfig {
     /// This gateway's address on the TUN device (inside its cluster's pod CIDR).
     pub tunnel_ip: Ipv4Addr,
     pub mtu: u16,
+    /// TTL of the lease this gateway's endpoint is published under. When the active
+    /// gateway dies, a passive one takes over once it has expired: this bounds failover.
+    pub lease: Duration,
 }
 
 /// Loads the WireGuard key, or makes one (mode 0600). The private key never leaves the node.
@@ -140,11 +144,11 @@ pub async fn run(
 
     let (peers_tx, mut peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
     let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
-    let follower = tokio::spawn(follow_broker(
+    let view = follow(
         config.credentials.clone(),
-        cluster.clone(),
-        peers_tx,
-    ));
+        &[Kind::Clusters, Kind::Gateways],
+    );
+    let follower = tokio::spawn(follow_broker(view.clone(), cluster.clone(), peers_tx));
     let endpoint = GatewayEndpoint {
         cluster: cluster.clone(),
         node: config.node.clone(),
@@ -152,10 +156,17 @@ pub async fn run(
         private_addr: config.private_addr,
         public_addr: None,
         port: config.listen_port,
-        role: GatewayRole::Active,
+        // Every gateway starts passive; the election makes one active.
+        role: GatewayRole::Passive,
         generation: unix_ms(SystemTime::now()) as u64,
     };
-    let publisher = tokio::spawn(publish(config.credentials.clone(), endpoint, status_rx));
+    let publisher = tokio::spawn(publish(
+        config.credentials.clone(),
+        endpoint,
+        config.lease,
+        view,
+        status_rx,
+    ));
 
     let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
@@ -248,6 +259,21 @@ pub async fn run(
     info!("gateway stopping");
     follower.abort();
     publisher.abort();
+    // Hand over now rather than when the lease lapses: withdraw this endpoint.
+    let withdraw = async {
+        let mut client = connect_with(&config.credentials).await.ok()?;
+        client
+            .withdraw(proto::WithdrawRequest {
+                kind: proto::Kind::Gateways as i32,
+                name: config.node.to_string(),
+            })
+            .await
+            .ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(1), withdraw).await {
+        Ok(Some(_)) => info!("endpoint withdrawn"),
+        _ => warn!("could not withdraw the endpoint; it lapses with its lease"),
+    }
     Ok(())
 }
 
@@ -259,11 +285,10 @@ const BATCH: usize = 63;
 
 /// Turns the broker's view into peers, for as long as the data plane listens.
 async fn follow_broker(
-    creds: Credentials,
+    mut set: watch::Receiver<Option<ClusterSet>>,
     local: ClusterId,
     out: watch::Sender<Option<Vec<PeerSpec>>>,
 ) {
-    let mut set = follow(creds, &[Kind::Clusters, Kind::Gateways]);
     while set.changed().await.is_ok() {
         let specs = set
             .borrow_and_update()
@@ -275,22 +300,28 @@ async fn follow_broker(
     }
 }
 
-/// Keeps this gateway's endpoint published under a lease, and publishes tunnel status.
+/// Keeps this gateway's endpoint published under a lease, holds the election for its role,
+/// and publishes tunnel status.
 async fn publish(
     creds: Credentials,
-    endpoint: GatewayEndpoint,
+    mut endpoint: GatewayEndpoint,
+    ttl: Duration,
+    mut view: watch::Receiver<Option<ClusterSet>>,
     mut status: watch::Receiver<Vec<PeerStatus>>,
 ) {
-    let endpoint = Arc::new(endpoint);
     let mut backoff = Duration::from_millis(200);
     loop {
         let result: Result<(), String> = async {
             let mut client = connect_with(&creds).await.map_err(|e| e.to_string())?;
             let lease = client
-                .grant_lease(proto::GrantLeaseRequest { ttl_seconds: 10 })
+                .grant_lease(proto::GrantLeaseRequest {
+                    ttl_seconds: 0,
+                    ttl_millis: ttl.as_millis().try_into().unwrap_or(u32::MAX),
+                })
                 .await
                 .map_err(|s| s.message().to_owned())?
                 .into_inner();
+            let granted = Duration::from_millis(u64::from(lease.ttl_millis));
             let put = |record: Record| proto::PublishRequest {
                 record: Some(record.into()),
                 lease_id: lease.lease_id,
@@ -298,12 +329,18 @@ async fn publish(
                 create_only: false,
             };
             client
-                .publish(put(Record::Gateway((*endpoint).clone())))
+                .publish(put(Record::Gateway(endpoint.clone())))
                 .await
                 .map_err(|s| s.message().to_owned())?;
-            info!("gateway endpoint published");
+            info!(role = ?endpoint.role, lease_ms = granted.as_millis() as u64, "gateway endpoint published");
             backoff = Duration::from_millis(200);
-            let mut keepalive = tokio::time::interval(Duration::from_secs(u64::from(lease.ttl_seconds.max(3)) / 3));
+            // Four renewals per TTL: three may be lost before the lease lapses.
+            let mut keepalive = tokio::time::interval((granted / 4).max(Duration::from_millis(50)));
+            keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            view.mark_changed();
+            // Status records this connection published, so the ones for peers gone are
+            // withdrawn.
+            let mut published: BTreeSet<(ClusterId, NodeName)> = BTreeSet::new();
             loop {
                 tokio::select! {
                     _ = keepalive.tick() => {
@@ -312,10 +349,29 @@ async fn publish(
                             .await
                             .map_err(|s| s.message().to_owned())?;
                     }
+                    changed = view.changed() => {
+                        if changed.is_err() { return Ok(()); }
+                        let role = view.borrow_and_update().as_ref().map(|set| {
+                            decide_role(&endpoint.cluster, &endpoint.node, &endpoint.public_key, endpoint.role, &set.gateways)
+                        });
+                        if let Some(role) = role.filter(|r| *r != endpoint.role) {
+                            info!(from = ?endpoint.role, to = ?role, "gateway role changed");
+                            endpoint.role = role;
+                            client
+                                .publish(put(Record::Gateway(endpoint.clone())))
+                                .await
+                                .map_err(|s| s.message().to_owned())?;
+                        }
+                    }
                     changed = status.changed() => {
                         if changed.is_err() { return Ok(()); }
-                        let now = SystemTime::now();
                         let snapshot = status.borrow_and_update().clone();
+                        // Status records are keyed by cluster, not node: the active gateway
+                        // speaks for its cluster, whose traffic it carries.
+                        if endpoint.role != GatewayRole::Active { continue; }
+                        let now = SystemTime::now();
+                        let snapshot_keys: Vec<(ClusterId, NodeName)> =
+                            snapshot.iter().map(|s| (s.cluster.clone(), s.node.clone())).collect();
                         for s in snapshot {
                             let record = Record::Connection(ConnectionStatus {
                                 from_cluster: endpoint.cluster.clone(),
@@ -329,15 +385,32 @@ async fn publish(
                             });
                             client.publish(put(record)).await.map_err(|s| s.message().to_owned())?;
                         }
+                        // A peer that left (its endpoint lapsed, its cluster was revoked) must
+                        // not stay "connected" in the broker: withdraw its status.
+                        let current: BTreeSet<(ClusterId, NodeName)> =
+                            snapshot_keys.into_iter().collect();
+                        for (to_cluster, to_node) in published.difference(&current) {
+                            client
+                                .withdraw(proto::WithdrawRequest {
+                                    kind: proto::Kind::Connections as i32,
+                                    name: format!("{to_cluster}/{to_node}"),
+                                })
+                                .await
+                                .map_err(|s| s.message().to_owned())?;
+                        }
+                        published = current;
                     }
                 }
             }
         }
         .await;
         if let Err(e) = result {
+            // The role is republished as held: if another node took over meanwhile, the
+            // election's tie-break settles it without a gap in between.
             warn!(error = %e, "broker unreachable; tunnels keep running, retrying");
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // Back within half a TTL of the broker's return, before the endpoint lapses.
+            backoff = (backoff * 2).min(ttl / 2).max(Duration::from_millis(100));
         }
     }
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use clusterlink_api::{Cluster, ClusterId, GatewayEndpoint, GatewayRole, NodeName};
+use clusterlink_api::{Cluster, ClusterId, GatewayEndpoint, NodeName};
+
+use crate::election::active_gateway;
 
 use crate::core::PeerSpec;
 
@@ -35,7 +37,8 @@ pub fn peer_specs(
                     .chain(cluster.service_cidrs.iter())
                     .copied()
                     .collect(),
-                active: g.role == GatewayRole::Active,
+                // Of two endpoints that both say active, the one every observer picks.
+                active: active_gateway(gateways, &g.cluster).is_some_and(|a| a.node == g.node),
             })
         })
         .collect()
@@ -44,6 +47,7 @@ pub fn peer_specs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clusterlink_api::GatewayRole;
 
     fn cluster(id: &str, pods: &str, svcs: &str) -> (ClusterId, Cluster) {
         let c = Cluster {

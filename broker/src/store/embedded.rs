@@ -573,7 +573,7 @@ impl Writer {
                     Request::Grant(ttl, reply) => {
                         let id = self.next_lease;
                         self.next_lease += 1;
-                        let ttl = ttl.max(Duration::from_secs(1));
+                        let ttl = ttl.max(Duration::from_millis(100));
                         leases_t
                             .insert(id, ttl.as_millis() as u64)
                             .map_err(|e| self.err(e))?;

@@ -284,7 +284,7 @@ impl Store for EtcdStore {
         let resp = self
             .client
             .lease_client()
-            .grant(ttl.as_secs().max(1) as i64, None)
+            .grant(ttl.as_millis().div_ceil(1000).max(1) as i64, None)
             .await
             .map_err(|e| self.err(e))?;
         Ok(resp.id())

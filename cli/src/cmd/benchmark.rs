@@ -36,6 +36,9 @@ pub enum BenchmarkCommand {
     /// DNS: our plugin next to Knot DNS with dnsperf; export-to-resolvable and
     /// unready-to-withdrawn times across lab clusters (root).
     Dns(super::bench_dns::DnsBenchArgs),
+    /// Gateway failover: how long pod-to-pod traffic stops when the active gateway dies
+    /// (root).
+    Failover(super::bench_failover::FailoverBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -128,6 +131,10 @@ pub async fn run(c: BenchmarkCommand) -> Result<()> {
         }
         BenchmarkCommand::Dns(a) => {
             tokio::task::spawn_blocking(move || super::bench_dns::run_dns_bench(a)).await?
+        }
+        BenchmarkCommand::Failover(a) => {
+            tokio::task::spawn_blocking(move || super::bench_failover::run_failover_bench(a))
+                .await?
         }
         BenchmarkCommand::Routes(a) => {
             tokio::task::spawn_blocking(move || super::bench_routes::run_routes_bench(a)).await?

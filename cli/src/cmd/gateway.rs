@@ -40,6 +40,12 @@ pub struct GatewayRunArgs {
     /// Tunnel MTU: the underlay's MTU less WireGuard's 80 bytes (IPv6 underlay).
     #[arg(long, default_value_t = 1420)]
     pub mtu: u16,
+    /// TTL in milliseconds of the broker lease this gateway's endpoint lives under. When the
+    /// active gateway dies, another of the cluster's gateways takes over once it has
+    /// expired (renewed every quarter TTL; 200 to 300000; the etcd store rounds up to
+    /// seconds).
+    #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(200..=300_000))]
+    pub lease_ms: u32,
 }
 
 pub async fn run(c: GatewayCommand) -> Result<()> {
@@ -54,6 +60,7 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
                 tun_name: a.tun_name,
                 tunnel_ip: a.tunnel_ip,
                 mtu: a.mtu,
+                lease: std::time::Duration::from_millis(u64::from(a.lease_ms)),
             };
             run_gateway(config, shutdown_signal())
                 .await

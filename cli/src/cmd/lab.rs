@@ -158,12 +158,6 @@ fn up(a: UpArgs) -> Result<()> {
             leftovers.join(", ")
         );
     }
-    if a.gateways_per_cluster > 1 {
-        bail!(
-            "--gateways-per-cluster {}: several gateways per cluster need active/passive election, which is not implemented yet; use 1",
-            a.gateways_per_cluster
-        );
-    }
     let names: Vec<String> = (0..a.clusters as usize)
         .map(|i| {
             NAMES

@@ -1,4 +1,5 @@
 pub mod bench_dns;
+pub mod bench_failover;
 pub mod bench_routes;
 pub mod bench_tunnel;
 pub mod benchmark;

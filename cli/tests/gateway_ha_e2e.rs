@@ -1,0 +1,106 @@
+//! Several gateways in one cluster: one active by election, the others warm; when the active
+//! one dies, another takes over and the pods' traffic follows (needs root).
+//!
+//! ```text
+//!   a: a-gw0, a-gw1 (gateways), a-w1 (worker) ──wan── b: b-gw0, b-w1
+//! ```
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+
+fn ping(from: &Netns, to: &str) -> bool {
+    from.exec("ping", &["-c1", "-W1", to]).is_ok()
+}
+
+fn gateway_index(lab: &Lab, cluster: usize, node: &str) -> usize {
+    lab.state.clusters[cluster]
+        .gateways
+        .iter()
+        .position(|g| g.node == node)
+        .unwrap()
+}
+
+/// Waits until exactly one gateway of the cluster is active, other than `not`, and returns
+/// it.
+fn one_active(lab: &Lab, cluster: usize, not: Option<&str>, what: &str) -> String {
+    wait_until(what, Duration::from_secs(20), || {
+        let active = lab.active_gateways(cluster);
+        active.len() == 1 && Some(active[0].as_str()) != not
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", lab.gateways()));
+    lab.active_gateways(cluster).remove(0)
+}
+
+#[test]
+fn a_passive_gateway_takes_over_from_a_dead_active_one_and_keeps_the_role() {
+    let specs = vec![
+        ClusterSpec {
+            name: "a".into(),
+            gateways: 2,
+            workers: 1,
+            nat: false,
+        },
+        ClusterSpec {
+            name: "b".into(),
+            gateways: 1,
+            workers: 1,
+            nat: false,
+        },
+    ];
+    let mut lab = Lab::up(Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    lab.wait_routes(Duration::from_secs(30)).unwrap();
+    let first = one_active(&lab, 0, None, "one active gateway in cluster a");
+    let (a_pod, b_pod) = (lab.worker(0).pod.clone(), lab.worker(1).pod.clone());
+    let (a_addr, b_addr) = (a_pod.address.to_string(), b_pod.address.to_string());
+    wait_until("pods to reach each other", Duration::from_secs(20), || {
+        ping(&b_pod.ns(), &a_addr) && ping(&a_pod.ns(), &b_addr)
+    })
+    .unwrap();
+
+    // The active gateway dies without a word.
+    let k = gateway_index(&lab, 0, &first);
+    lab.kill_gateway(0, k);
+    let second = one_active(&lab, 0, Some(&first), "the other gateway to take over");
+    wait_until(
+        "pods to reach each other through the new active gateway",
+        Duration::from_secs(20),
+        || ping(&b_pod.ns(), &a_addr) && ping(&a_pod.ns(), &b_addr),
+    )
+    .unwrap();
+
+    // It comes back: passive, and the role stays where it is (no flapping back).
+    lab.restart_gateway(0, k, false).unwrap();
+    wait_until(
+        "the restarted gateway to publish",
+        Duration::from_secs(20),
+        || {
+            lab.gateways()
+                .unwrap_or_default()
+                .iter()
+                .any(|g| g["node"] == first.as_str() && g["role"] == "passive")
+        },
+    )
+    .unwrap();
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    assert_eq!(lab.active_gateways(0), vec![second.clone()]);
+    assert!(ping(&b_pod.ns(), &a_addr));
+
+    // A graceful stop hands over at once (the endpoint is withdrawn, not left to lapse).
+    let k2 = gateway_index(&lab, 0, &second);
+    assert!(lab.terminate_gateway(0, k2), "the gateway exits on SIGTERM");
+    let third = one_active(&lab, 0, Some(&second), "the restarted gateway to take over");
+    assert_eq!(third, first);
+    wait_until(
+        "pods to reach each other after the hand-over",
+        Duration::from_secs(20),
+        || ping(&b_pod.ns(), &a_addr) && ping(&a_pod.ns(), &b_addr),
+    )
+    .unwrap();
+}
