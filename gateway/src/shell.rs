@@ -19,7 +19,7 @@ use clusterlink_broker::client::{ClientError, Credentials, connect_with};
 use clusterlink_broker::follow::{ClusterSet, follow};
 use thiserror::Error;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
@@ -45,6 +45,8 @@ pub enum GatewayError {
     },
     #[error("broker: {0}")]
     Broker(#[from] ClientError),
+    #[error("cannot start the data plane's thread: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error(
         "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
     )]
@@ -116,38 +118,47 @@ pub async fn run(
     let mut core = GatewayCore::new(secret);
     core.set_tun_headroom(TUN_HEADROOM);
     let public_key = core.public_key();
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&config.tun_name)
-        .ipv4(config.tunnel_ip, 32u8, None)
-        .mtu(config.mtu)
-        // IFF_VNET_HDR with TSO: the kernel hands over TCP super-packets, split here.
-        .offload(true)
-        .build_async()
-        .map_err(|source| GatewayError::Tun {
-            name: config.tun_name.clone(),
-            source,
-        })?;
-    let udp = UdpSocket::bind(SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        config.listen_port,
-    ))
-    .await
-    .map_err(|source| GatewayError::Udp {
-        port: config.listen_port,
-        source,
-    })?;
-    let mut udp = crate::udp::BatchedUdp::new(udp).map_err(|source| GatewayError::Udp {
-        port: config.listen_port,
-        source,
-    })?;
+
+    let (peers_tx, peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
+    let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<(), GatewayError>>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    // The data plane has an OS thread and a single-threaded runtime of its own: the thread
+    // that waits in epoll is the one that handles the packet, with no hand-over between
+    // threads per wake-up (a task on the main runtime is woken from another thread).
+    let plane = {
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("clusterlink-data".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(rt) => rt.block_on(data_plane(
+                        &config, core, peers_rx, status_tx, stop_rx, ready_tx,
+                    )),
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(GatewayError::Runtime(e)));
+                    }
+                }
+                let _ = done_tx.send(());
+            })
+            .map_err(GatewayError::Runtime)?
+    };
+    match ready_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(GatewayError::Runtime(std::io::Error::other(
+                "the data plane thread ended before it started",
+            )));
+        }
+    }
     info!(%cluster, node = %config.node, port = config.listen_port, tun = %config.tun_name, "gateway up");
 
-    let (peers_tx, mut peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
-    let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
-    let view = follow(
-        config.credentials.clone(),
-        &[Kind::Clusters, Kind::Gateways],
-    );
+    let view = follow(config.credentials.clone(), &[Kind::Clusters, Kind::Gateways]);
     let follower = tokio::spawn(follow_broker(view.clone(), cluster.clone(), peers_tx));
     let endpoint = GatewayEndpoint {
         cluster: cluster.clone(),
@@ -168,6 +179,83 @@ pub async fn run(
         status_rx,
     ));
 
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => {}
+        _ = done_rx => warn!("the data plane stopped"),
+    }
+    info!("gateway stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || plane.join()).await;
+    follower.abort();
+    publisher.abort();
+    // Hand over now rather than when the lease lapses: withdraw this endpoint.
+    let withdraw = async {
+        let mut client = connect_with(&config.credentials).await.ok()?;
+        client
+            .withdraw(proto::WithdrawRequest {
+                kind: proto::Kind::Gateways as i32,
+                name: config.node.to_string(),
+            })
+            .await
+            .ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(1), withdraw).await {
+        Ok(Some(_)) => info!("endpoint withdrawn"),
+        _ => warn!("could not withdraw the endpoint; it lapses with its lease"),
+    }
+    Ok(())
+}
+
+
+/// The data plane: TUN device, UDP socket, timers, around the core. Reports through `ready`
+/// whether the devices could be made, then runs until `stop` or until the follower ends.
+async fn data_plane(
+    config: &GatewayConfig,
+    mut core: GatewayCore,
+    mut peers_rx: watch::Receiver<Option<Vec<PeerSpec>>>,
+    status_tx: watch::Sender<Vec<PeerStatus>>,
+    mut stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<Result<(), GatewayError>>,
+) {
+    let devices = async {
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&config.tun_name)
+            .ipv4(config.tunnel_ip, 32u8, None)
+            .mtu(config.mtu)
+            // IFF_VNET_HDR with TSO: the kernel hands over TCP super-packets, split here.
+            .offload(true)
+            .build_async()
+            .map_err(|source| GatewayError::Tun {
+                name: config.tun_name.clone(),
+                source,
+            })?;
+        let udp_err = |source| GatewayError::Udp {
+            port: config.listen_port,
+            source,
+        };
+        let udp = UdpSocket::bind(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            config.listen_port,
+        ))
+        .await
+        .map_err(udp_err)?;
+        let udp = crate::udp::BatchedUdp::new(udp).map_err(udp_err)?;
+        Ok::<_, GatewayError>((tun, udp))
+    };
+    let (tun, mut udp) = match devices.await {
+        Ok(d) => {
+            let _ = ready.send(Ok(()));
+            d
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
         .map(|_| vec![0u8; MAX_DATAGRAM])
@@ -256,25 +344,6 @@ pub async fn run(
             let _ = status_tx.send(core.status(now));
         }
     }
-    info!("gateway stopping");
-    follower.abort();
-    publisher.abort();
-    // Hand over now rather than when the lease lapses: withdraw this endpoint.
-    let withdraw = async {
-        let mut client = connect_with(&config.credentials).await.ok()?;
-        client
-            .withdraw(proto::WithdrawRequest {
-                kind: proto::Kind::Gateways as i32,
-                name: config.node.to_string(),
-            })
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(1), withdraw).await {
-        Ok(Some(_)) => info!("endpoint withdrawn"),
-        _ => warn!("could not withdraw the endpoint; it lapses with its lease"),
-    }
-    Ok(())
 }
 
 /// Room in front of each packet written to the TUN device (its virtio-net header).
