@@ -64,7 +64,8 @@ pub enum RecordKey {
     Cluster(ClusterId),
     Gateway(ClusterId, NodeName),
     Service(ClusterId, DnsLabel, DnsLabel),
-    Connection(ClusterId, ClusterId, NodeName),
+    /// From cluster, from node, to cluster, to node.
+    Connection(ClusterId, NodeName, ClusterId, NodeName),
 }
 
 impl RecordKey {
@@ -83,7 +84,7 @@ impl RecordKey {
             RecordKey::Cluster(c)
             | RecordKey::Gateway(c, _)
             | RecordKey::Service(c, _, _)
-            | RecordKey::Connection(c, _, _) => c,
+            | RecordKey::Connection(c, _, _, _) => c,
         }
     }
 
@@ -92,7 +93,7 @@ impl RecordKey {
         let bad = || ValidationError::Invalid {
             what: "record name",
             reason: format!(
-                "{name:?} does not name a {kind:?} record (gateways: NODE, services: NAMESPACE/NAME, connections: TO_CLUSTER/TO_NODE)"
+                "{name:?} does not name a {kind:?} record (gateways: NODE, services: NAMESPACE/NAME, connections: FROM_NODE/TO_CLUSTER/TO_NODE)"
             ),
         };
         let parts: Vec<&str> = name.split('/').collect();
@@ -102,8 +103,9 @@ impl RecordKey {
             (Kind::Services, [ns, svc]) => {
                 Ok(RecordKey::Service(owner.clone(), ns.parse()?, svc.parse()?))
             }
-            (Kind::Connections, [to, node]) => Ok(RecordKey::Connection(
+            (Kind::Connections, [from, to, node]) => Ok(RecordKey::Connection(
                 owner.clone(),
+                from.parse()?,
                 to.parse()?,
                 node.parse()?,
             )),
@@ -118,7 +120,9 @@ impl fmt::Display for RecordKey {
             RecordKey::Cluster(c) => write!(f, "clusters/{c}"),
             RecordKey::Gateway(c, n) => write!(f, "gateways/{c}/{n}"),
             RecordKey::Service(c, ns, n) => write!(f, "services/{c}/{ns}/{n}"),
-            RecordKey::Connection(c, to, n) => write!(f, "connections/{c}/{to}/{n}"),
+            RecordKey::Connection(c, from, to, n) => {
+                write!(f, "connections/{c}/{from}/{to}/{n}")
+            }
         }
     }
 }
@@ -131,9 +135,12 @@ impl FromStr for RecordKey {
             ["clusters", c] => Ok(RecordKey::Cluster(c.parse()?)),
             ["gateways", c, n] => Ok(RecordKey::Gateway(c.parse()?, n.parse()?)),
             ["services", c, ns, n] => Ok(RecordKey::Service(c.parse()?, ns.parse()?, n.parse()?)),
-            ["connections", c, to, n] => {
-                Ok(RecordKey::Connection(c.parse()?, to.parse()?, n.parse()?))
-            }
+            ["connections", c, from, to, n] => Ok(RecordKey::Connection(
+                c.parse()?,
+                from.parse()?,
+                to.parse()?,
+                n.parse()?,
+            )),
             _ => Err(ValidationError::Invalid {
                 what: "record key",
                 reason: format!("{s:?} is not a clusterlink record key"),
@@ -152,7 +159,7 @@ mod tests {
             "clusters/east",
             "gateways/east/gw-0",
             "services/east/demo/echo",
-            "connections/east/west/gw-0",
+            "connections/east/gw-1/west/gw-0",
         ] {
             let k: RecordKey = s.parse().unwrap();
             assert_eq!(k.to_string(), s);
@@ -161,6 +168,8 @@ mod tests {
         }
         assert!("services/east/demo".parse::<RecordKey>().is_err());
         assert!("gateways/East/gw".parse::<RecordKey>().is_err());
+        // The old three-part connection key (no measuring node) is refused.
+        assert!("connections/east/west/gw-0".parse::<RecordKey>().is_err());
     }
 
     #[test]
@@ -170,5 +179,8 @@ mod tests {
         assert_eq!(k.to_string(), "services/east/demo/echo");
         assert!(RecordKey::from_name(Kind::Services, &east, "echo").is_err());
         assert!(RecordKey::from_name(Kind::Gateways, &east, "../west/gw").is_err());
+        let k = RecordKey::from_name(Kind::Connections, &east, "gw-1/west/gw-0").unwrap();
+        assert_eq!(k.to_string(), "connections/east/gw-1/west/gw-0");
+        assert!(RecordKey::from_name(Kind::Connections, &east, "west/gw-0").is_err());
     }
 }

@@ -16,8 +16,8 @@ pub use ids::{ClusterId, DnsLabel, NodeName};
 pub use keys::{Kind, RecordKey};
 pub use net::CidrSet;
 pub use records::{
-    Cluster, ClusterRegistration, ConnectionState, ConnectionStatus, Endpoint, GatewayEndpoint,
-    GatewayRole, Record, ServicePort, ServiceRecord, ServiceType,
+    Cluster, ClusterRegistration, ConnectionKey, ConnectionState, ConnectionStatus, Endpoint,
+    GatewayEndpoint, GatewayRole, Record, ServicePort, ServiceRecord, ServiceType,
 };
 
 /// Generated protobuf and gRPC code for `clusterlink.broker.v1`.

@@ -411,11 +411,12 @@ pub enum ConnectionState {
     Error,
 }
 
-/// The health of one tunnel, as the `from_cluster` gateway measured it.
+/// The health of one tunnel, as gateway `from_node` of `from_cluster` measured it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionStatus {
     pub from_cluster: ClusterId,
+    pub from_node: NodeName,
     pub to_cluster: ClusterId,
     pub to_node: NodeName,
     pub state: ConnectionState,
@@ -423,6 +424,20 @@ pub struct ConnectionStatus {
     pub last_handshake_unix_ms: i64,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+}
+
+/// (from cluster, from node, to cluster, to node): one tunnel as one gateway measured it.
+pub type ConnectionKey = (ClusterId, NodeName, ClusterId, NodeName);
+
+impl ConnectionStatus {
+    pub fn tunnel(&self) -> ConnectionKey {
+        (
+            self.from_cluster.clone(),
+            self.from_node.clone(),
+            self.to_cluster.clone(),
+            self.to_node.clone(),
+        )
+    }
 }
 
 impl TryFrom<proto::ConnectionStatus> for ConnectionStatus {
@@ -441,6 +456,7 @@ impl TryFrom<proto::ConnectionStatus> for ConnectionStatus {
         };
         Ok(ConnectionStatus {
             from_cluster: p.from_cluster.parse()?,
+            from_node: p.from_node.parse()?,
             to_cluster: p.to_cluster.parse()?,
             to_node: p.to_node.parse()?,
             state,
@@ -456,6 +472,7 @@ impl From<ConnectionStatus> for proto::ConnectionStatus {
     fn from(c: ConnectionStatus) -> Self {
         proto::ConnectionStatus {
             from_cluster: c.from_cluster.into(),
+            from_node: c.from_node.into(),
             to_cluster: c.to_cluster.into(),
             to_node: c.to_node.into(),
             state: match c.state {
@@ -491,6 +508,7 @@ impl Record {
             }
             Record::Connection(c) => RecordKey::Connection(
                 c.from_cluster.clone(),
+                c.from_node.clone(),
                 c.to_cluster.clone(),
                 c.to_node.clone(),
             ),

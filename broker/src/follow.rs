@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use clusterlink_api::{
-    Cluster, ClusterId, ConnectionStatus, DnsLabel, GatewayEndpoint, Kind, NodeName, Record,
-    RecordKey, ServiceRecord, proto,
+    Cluster, ClusterId, ConnectionKey, ConnectionStatus, DnsLabel, GatewayEndpoint, Kind, NodeName,
+    Record, RecordKey, ServiceRecord, proto,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
@@ -22,8 +22,7 @@ pub struct ClusterSet {
     pub clusters: BTreeMap<ClusterId, Cluster>,
     pub gateways: BTreeMap<(ClusterId, NodeName), GatewayEndpoint>,
     pub services: BTreeMap<(ClusterId, DnsLabel, DnsLabel), ServiceRecord>,
-    /// (from cluster, to cluster, to node) -> status.
-    pub connections: BTreeMap<(ClusterId, ClusterId, NodeName), ConnectionStatus>,
+    pub connections: BTreeMap<ConnectionKey, ConnectionStatus>,
 }
 
 /// What one list+watch delivers.
@@ -69,14 +68,7 @@ impl ClusterSet {
                 self.connections = rs
                     .into_iter()
                     .filter_map(|r| match r {
-                        Record::Connection(c) => Some((
-                            (
-                                c.from_cluster.clone(),
-                                c.to_cluster.clone(),
-                                c.to_node.clone(),
-                            ),
-                            c,
-                        )),
+                        Record::Connection(c) => Some((c.tunnel(), c)),
                         _ => None,
                     })
                     .collect();
@@ -86,20 +78,13 @@ impl ClusterSet {
                     .insert((s.cluster.clone(), s.namespace.clone(), s.name.clone()), s);
             }
             (_, Update::Put(Record::Connection(c))) => {
-                self.connections.insert(
-                    (
-                        c.from_cluster.clone(),
-                        c.to_cluster.clone(),
-                        c.to_node.clone(),
-                    ),
-                    c,
-                );
+                self.connections.insert(c.tunnel(), c);
             }
             (_, Update::Delete(RecordKey::Service(c, ns, n))) => {
                 self.services.remove(&(c, ns, n));
             }
-            (_, Update::Delete(RecordKey::Connection(f, t, n))) => {
-                self.connections.remove(&(f, t, n));
+            (_, Update::Delete(RecordKey::Connection(f, fnode, t, n))) => {
+                self.connections.remove(&(f, fnode, t, n));
             }
             (_, Update::Put(Record::Cluster(c))) => {
                 self.clusters.insert(c.cluster.id.clone(), c.cluster);

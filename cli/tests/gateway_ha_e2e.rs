@@ -57,6 +57,15 @@ fn a_passive_gateway_takes_over_from_a_dead_active_one_and_keeps_the_role() {
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     lab.wait_routes(Duration::from_secs(30)).unwrap();
     let first = one_active(&lab, 0, None, "one active gateway in cluster a");
+    // Both of a's gateways keep a session to b's, and each reports its own.
+    let from_a: Vec<String> = lab
+        .connections()
+        .unwrap()
+        .iter()
+        .filter(|c| c["from"] == "a" && c["state"] == "connected")
+        .filter_map(|c| c["fromNode"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(from_a, ["a-gw0", "a-gw1"], "{:?}", lab.connections());
     let (a_pod, b_pod) = (lab.worker(0).pod.clone(), lab.worker(1).pod.clone());
     let (a_addr, b_addr) = (a_pod.address.to_string(), b_pod.address.to_string());
     wait_until("pods to reach each other", Duration::from_secs(20), || {

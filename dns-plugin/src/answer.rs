@@ -20,7 +20,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clusterlink_api::{
-    ClusterId, ConnectionState, ConnectionStatus, DnsLabel, NodeName, ServiceRecord, ServiceType,
+    ClusterId, ConnectionKey, ConnectionState, ConnectionStatus, DnsLabel, ServiceRecord,
+    ServiceType,
 };
 
 /// The query types the zone knows; anything else is NODATA for a name that exists.
@@ -156,7 +157,7 @@ pub const HANDSHAKE_FRESH_MS: i64 = 180_000;
 pub fn view_of<'a>(
     local: &ClusterId,
     services: &'a BTreeMap<(ClusterId, DnsLabel, DnsLabel), ServiceRecord>,
-    connections: &'a BTreeMap<(ClusterId, ClusterId, NodeName), ConnectionStatus>,
+    connections: &'a BTreeMap<ConnectionKey, ConnectionStatus>,
     now_unix_ms: i64,
 ) -> View {
     let mut view = View {

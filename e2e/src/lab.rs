@@ -311,20 +311,22 @@ impl Lab {
         })
     }
 
-    /// Waits until every cluster's active gateway reports a connected tunnel to every other
-    /// cluster's gateways (passive ones too: their sessions are kept warm).
+    /// Waits until every gateway (passive ones too: their sessions are kept warm) reports a
+    /// connected tunnel to every other cluster's gateways.
     pub fn wait_connected(&self, timeout: Duration) -> Result<(), TestbedError> {
         let expected: usize = self
             .state
             .clusters
             .iter()
             .map(|c| {
-                self.state
-                    .clusters
-                    .iter()
-                    .filter(|o| o.name != c.name)
-                    .map(|o| o.gateways.len())
-                    .sum::<usize>()
+                c.gateways.len()
+                    * self
+                        .state
+                        .clusters
+                        .iter()
+                        .filter(|o| o.name != c.name)
+                        .map(|o| o.gateways.len())
+                        .sum::<usize>()
             })
             .sum();
         wait_until("every tunnel to connect", timeout, || {

@@ -158,7 +158,10 @@ pub async fn run(
     }
     info!(%cluster, node = %config.node, port = config.listen_port, tun = %config.tun_name, "gateway up");
 
-    let view = follow(config.credentials.clone(), &[Kind::Clusters, Kind::Gateways]);
+    let view = follow(
+        config.credentials.clone(),
+        &[Kind::Clusters, Kind::Gateways],
+    );
     let follower = tokio::spawn(follow_broker(view.clone(), cluster.clone(), peers_tx));
     let endpoint = GatewayEndpoint {
         cluster: cluster.clone(),
@@ -206,7 +209,6 @@ pub async fn run(
     }
     Ok(())
 }
-
 
 /// The data plane: TUN device, UDP socket, timers, around the core. Reports through `ready`
 /// whether the devices could be made, then runs until `stop` or until the follower ends.
@@ -435,15 +437,13 @@ async fn publish(
                     changed = status.changed() => {
                         if changed.is_err() { return Ok(()); }
                         let snapshot = status.borrow_and_update().clone();
-                        // Status records are keyed by cluster, not node: the active gateway
-                        // speaks for its cluster, whose traffic it carries.
-                        if endpoint.role != GatewayRole::Active { continue; }
                         let now = SystemTime::now();
                         let snapshot_keys: Vec<(ClusterId, NodeName)> =
                             snapshot.iter().map(|s| (s.cluster.clone(), s.node.clone())).collect();
                         for s in snapshot {
                             let record = Record::Connection(ConnectionStatus {
                                 from_cluster: endpoint.cluster.clone(),
+                                from_node: endpoint.node.clone(),
                                 to_cluster: s.cluster,
                                 to_node: s.node,
                                 state: s.state,
@@ -462,7 +462,7 @@ async fn publish(
                             client
                                 .withdraw(proto::WithdrawRequest {
                                     kind: proto::Kind::Connections as i32,
-                                    name: format!("{to_cluster}/{to_node}"),
+                                    name: format!("{}/{to_cluster}/{to_node}", endpoint.node),
                                 })
                                 .await
                                 .map_err(|s| s.message().to_owned())?;

@@ -235,6 +235,7 @@ async fn gateways(a: ShowArgs) -> Result<()> {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionView {
     pub from: String,
+    pub from_node: String,
     pub to: String,
     pub node: String,
     pub state: String,
@@ -248,8 +249,9 @@ impl Tabular for ConnectionView {
     fn header() -> Vec<&'static str> {
         vec![
             "FROM",
+            "FROM NODE",
             "TO",
-            "NODE",
+            "TO NODE",
             "STATE",
             "RTT",
             "LAST HANDSHAKE",
@@ -260,6 +262,7 @@ impl Tabular for ConnectionView {
     fn row(&self) -> Vec<String> {
         vec![
             self.from.clone(),
+            self.from_node.clone(),
             self.to.clone(),
             self.node.clone(),
             self.state.clone(),
@@ -280,6 +283,7 @@ async fn connections(a: ShowArgs) -> Result<()> {
         .filter_map(|r| match r {
             Record::Connection(c) => Some(ConnectionView {
                 from: c.from_cluster.to_string(),
+                from_node: c.from_node.to_string(),
                 to: c.to_cluster.to_string(),
                 node: c.to_node.to_string(),
                 state: format!("{:?}", c.state).to_lowercase(),

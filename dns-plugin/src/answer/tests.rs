@@ -287,6 +287,7 @@ fn status(
 ) -> ConnectionStatus {
     ConnectionStatus {
         from_cluster: from.parse().unwrap(),
+        from_node: format!("{from}-gw0").parse().unwrap(),
         to_cluster: to.parse().unwrap(),
         to_node: node.parse().unwrap(),
         state,
@@ -332,14 +333,7 @@ fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
         // What west sees of north is no business of east's answers.
         status("west", "north", "n-gw0", ConnectionState::Error, 0, t0),
     ] {
-        conns.insert(
-            (
-                s.from_cluster.clone(),
-                s.to_cluster.clone(),
-                s.to_node.clone(),
-            ),
-            s,
-        );
+        conns.insert(s.tunnel(), s);
     }
     let local: ClusterId = "east".parse().unwrap();
     let name = "echo.demo.svc.clusterset.local";
@@ -365,14 +359,8 @@ fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
         ["10.101.0.7"]
     );
     // A tunnel that says connected but never completed a handshake is not live.
-    conns.insert(
-        (
-            "east".parse().unwrap(),
-            "west".parse().unwrap(),
-            "w-gw9".parse().unwrap(),
-        ),
-        status("east", "west", "w-gw9", ConnectionState::Connected, 1, 0),
-    );
+    let s = status("east", "west", "w-gw9", ConnectionState::Connected, 1, 0);
+    conns.insert(s.tunnel(), s);
     let v = view_of(&local, &services, &conns, t0 + 181_000);
     assert!(v.live.is_empty());
 }
