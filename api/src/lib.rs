@@ -17,7 +17,7 @@ pub use keys::{Kind, RecordKey};
 pub use net::CidrSet;
 pub use records::{
     Cluster, ClusterRegistration, ConnectionKey, ConnectionState, ConnectionStatus, Endpoint,
-    GatewayEndpoint, GatewayRole, Record, ServicePort, ServiceRecord, ServiceType,
+    GatewayEndpoint, GatewayRole, Record, ServicePort, ServiceRecord, ServiceType, active_gateway,
 };
 
 /// Generated protobuf and gRPC code for `clusterlink.broker.v1`.

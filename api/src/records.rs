@@ -153,6 +153,19 @@ pub struct GatewayEndpoint {
     pub generation: u64,
 }
 
+/// A cluster's active gateway as every component sees it (remote gateways, route agents, the
+/// election itself): of its endpoints that say they are active, the one with the lowest node
+/// name. While two claim the role (a healed partition), all agree on the same one.
+pub fn active_gateway<'a>(
+    gateways: &'a BTreeMap<(ClusterId, NodeName), GatewayEndpoint>,
+    cluster: &ClusterId,
+) -> Option<&'a GatewayEndpoint> {
+    gateways
+        .values()
+        .filter(|g| &g.cluster == cluster && g.role == GatewayRole::Active)
+        .min_by(|a, b| a.node.cmp(&b.node))
+}
+
 impl GatewayEndpoint {
     pub fn private_endpoint(&self) -> SocketAddr {
         SocketAddr::new(self.private_addr, self.port)

@@ -26,15 +26,10 @@ fn gateway_index(lab: &Lab, cluster: usize, node: &str) -> usize {
         .unwrap()
 }
 
-/// Waits until exactly one gateway of the cluster is active, other than `not`, and returns
-/// it.
+/// Waits until exactly one gateway of the cluster is active, other than `not`.
 fn one_active(lab: &Lab, cluster: usize, not: Option<&str>, what: &str) -> String {
-    wait_until(what, Duration::from_secs(20), || {
-        let active = lab.active_gateways(cluster);
-        active.len() == 1 && Some(active[0].as_str()) != not
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}", lab.gateways()));
-    lab.active_gateways(cluster).remove(0)
+    lab.wait_one_active(cluster, not, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{what}: {e}: {:?}", lab.gateways()))
 }
 
 #[test]

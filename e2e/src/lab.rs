@@ -396,6 +396,27 @@ impl Lab {
             .collect()
     }
 
+    /// Waits until exactly one gateway of the cluster is active, and it is not `not`; returns
+    /// its node.
+    pub fn wait_one_active(
+        &self,
+        cluster: usize,
+        not: Option<&str>,
+        timeout: Duration,
+    ) -> Result<String, TestbedError> {
+        let mut found = None;
+        wait_until("one active gateway", timeout, || {
+            let active = self.active_gateways(cluster);
+            found =
+                (active.len() == 1 && Some(active[0].as_str()) != not).then(|| active[0].clone());
+            found.is_some()
+        })?;
+        found.ok_or_else(|| TestbedError::Command {
+            command: "show gateways".into(),
+            stderr: "no active gateway".into(),
+        })
+    }
+
     /// Kills gateway `k` of a cluster (SIGKILL: no hand-over).
     pub fn kill_gateway(&self, cluster: usize, k: usize) {
         self.bed.kill(self.state.clusters[cluster].gateways[k].pid);

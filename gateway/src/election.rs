@@ -8,8 +8,9 @@
 //!   returns: a node always starts passive);
 //! - with no active endpoint left, the live node with the lowest name takes over;
 //! - two active endpoints (a partition healed, both took over): the lowest name keeps it,
-//!   the other steps down. Observers (route agents, remote gateways) use the same rule, so
-//!   they agree even while the two are still both published as active.
+//!   the other steps down. Observers (route agents, remote gateways) use the same rule
+//!   ([`clusterlink_api::active_gateway`]), so they agree even while the two are still both
+//!   published as active.
 //!
 //! A node whose own endpoint is not in the view (not published yet, or its lease lapsed)
 //! is passive: it cannot know that nobody else took over.
@@ -17,6 +18,9 @@
 use std::collections::BTreeMap;
 
 use clusterlink_api::{ClusterId, GatewayEndpoint, GatewayRole, NodeName};
+
+#[cfg(test)]
+use clusterlink_api::active_gateway;
 
 /// The role this node should hold now.
 pub fn decide_role(
@@ -50,18 +54,6 @@ pub fn decide_role(
     } else {
         GatewayRole::Passive
     }
-}
-
-/// The cluster's active gateway as every observer sees it: the lowest-named endpoint that
-/// says it is active.
-pub fn active_gateway<'a>(
-    gateways: &'a BTreeMap<(ClusterId, NodeName), GatewayEndpoint>,
-    cluster: &ClusterId,
-) -> Option<&'a GatewayEndpoint> {
-    gateways
-        .values()
-        .filter(|g| &g.cluster == cluster && g.role == GatewayRole::Active)
-        .min_by(|a, b| a.node.cmp(&b.node))
 }
 
 #[cfg(test)]

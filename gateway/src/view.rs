@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use clusterlink_api::{Cluster, ClusterId, GatewayEndpoint, NodeName};
-
-use crate::election::active_gateway;
+use clusterlink_api::{Cluster, ClusterId, GatewayEndpoint, NodeName, active_gateway};
 
 use crate::core::PeerSpec;
 

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use clusterlink_api::{ClusterId, GatewayEndpoint, GatewayRole, NodeName};
+use clusterlink_api::{ClusterId, NodeName, active_gateway};
 use clusterlink_broker::follow::ClusterSet;
 use ipnet::{IpNet, Ipv4Net};
 
@@ -147,17 +147,6 @@ pub fn overlay_address(underlay: Ipv4Addr) -> Ipv4Addr {
     Ipv4Addr::new(240, b, c, d)
 }
 
-/// The cluster's active gateway: among its gateways that say they are active, the one with
-/// the lowest node name, so that every node of the cluster picks the same one. (There is no
-/// election between several gateways of one cluster yet; with one, it is that one.)
-pub fn active_gateway<'a>(set: &'a ClusterSet, cluster: &ClusterId) -> Option<&'a GatewayEndpoint> {
-    set.gateways
-        .iter()
-        .filter(|((c, _), g)| c == cluster && g.role == GatewayRole::Active)
-        .map(|(_, g)| g)
-        .next()
-}
-
 /// The routes, rule and overlay this node should have.
 pub fn desired(
     config: &NodeConfig,
@@ -180,7 +169,7 @@ pub fn desired(
     }
     remote.sort_unstable();
     remote.dedup();
-    let gateway = active_gateway(set, &config.cluster);
+    let gateway = active_gateway(&set.gateways, &config.cluster);
     out.active_gateway = gateway.map(|g| g.node.clone());
     let this_is_gateway = gateway.is_some_and(|g| g.node == config.node);
     let gateway_ip = gateway.and_then(|g| match g.private_addr {

@@ -88,18 +88,7 @@ fn outage(replies: &[(f64, u64)], since: f64) -> (f64, u64) {
 }
 
 fn active_other_than(lab: &Lab, not: Option<&str>) -> Result<String> {
-    let mut found = None;
-    wait_until(
-        "one active gateway in cluster a",
-        Duration::from_secs(30),
-        || {
-            let active = lab.active_gateways(0);
-            found =
-                (active.len() == 1 && Some(active[0].as_str()) != not).then(|| active[0].clone());
-            found.is_some()
-        },
-    )?;
-    found.ok_or_else(|| anyhow!("no active gateway"))
+    Ok(lab.wait_one_active(0, not, Duration::from_secs(30))?)
 }
 
 pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {

@@ -1,5 +1,5 @@
 use super::*;
-use clusterlink_api::Cluster;
+use clusterlink_api::{Cluster, GatewayEndpoint, GatewayRole};
 
 const OWN: Ownership = Ownership {
     table: 211,
