@@ -188,11 +188,9 @@ pub async fn run(
         _ = done_rx => warn!("the data plane stopped"),
     }
     info!("gateway stopping");
-    let _ = stop_tx.send(true);
-    let _ = tokio::task::spawn_blocking(move || plane.join()).await;
-    follower.abort();
     publisher.abort();
-    // Hand over now rather than when the lease lapses: withdraw this endpoint.
+    // Hand over now rather than when the lease lapses: withdraw this endpoint first, while
+    // the data plane still carries what is in flight, then stop it.
     let withdraw = async {
         let mut client = connect_with(&config.credentials).await.ok()?;
         client
@@ -207,6 +205,9 @@ pub async fn run(
         Ok(Some(_)) => info!("endpoint withdrawn"),
         _ => warn!("could not withdraw the endpoint; it lapses with its lease"),
     }
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || plane.join()).await;
+    follower.abort();
     Ok(())
 }
 
