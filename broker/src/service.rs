@@ -650,10 +650,17 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             ))
             .await
             .map_err(ServiceError::from)?;
+        // What the store granted, which may be more than asked (etcd counts whole seconds,
+        // and has a floor of its own): a renewal reports it.
+        let granted = self
+            .store
+            .keep_alive(lease)
+            .await
+            .map_err(ServiceError::from)?;
         Ok(Response::new(proto::GrantLeaseResponse {
             lease_id: lease,
-            ttl_seconds: ttl_secs_up(ttl),
-            ttl_millis: ttl.as_millis() as u32,
+            ttl_seconds: ttl_secs_up(granted),
+            ttl_millis: granted.as_millis() as u32,
         }))
     }
 

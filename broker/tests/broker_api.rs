@@ -820,6 +820,20 @@ async fn several_stateless_brokers_serve_one_etcd() {
             .code(),
         Code::FailedPrecondition
     );
+    // etcd counts leases in whole seconds: a grant reports what it really got.
+    let granted = east_b
+        .grant_lease(proto::GrantLeaseRequest {
+            ttl_seconds: 0,
+            ttl_millis: 300,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        granted.ttl_millis >= 1000 && granted.ttl_millis % 1000 == 0,
+        "{granted:?}"
+    );
+    assert_eq!(granted.ttl_seconds * 1000, granted.ttl_millis);
     // A watch on one broker sees a publish through the other.
     let rev = revision(&mut west_a, Kind::Services).await;
     let mut stream = watch_from(&mut west_a, Kind::Services, rev).await;
