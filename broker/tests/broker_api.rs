@@ -603,15 +603,7 @@ async fn leases_belong_to_their_cluster_and_take_records_with_them() {
         .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
         .await
         .unwrap();
-    let lease = east
-        .grant_lease(proto::GrantLeaseRequest {
-            ttl_seconds: 10,
-            ttl_millis: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .lease_id;
+    let lease = grant(&mut east, 10, 0).await.lease_id;
     let mut req = publish(gateway("east", "gw-0"));
     req.lease_id = lease;
     east.publish(req).await.unwrap();
@@ -641,18 +633,11 @@ async fn a_lease_in_milliseconds_lapses_and_takes_its_records() {
         .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
         .await
         .unwrap();
-    let granted = east
-        .grant_lease(proto::GrantLeaseRequest {
-            ttl_seconds: 0,
-            ttl_millis: 300,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let granted = grant(&mut east, 0, 300).await;
     assert_eq!((granted.ttl_millis, granted.ttl_seconds), (300, 1));
     let mut req = publish(gateway("east", "gw-0"));
     req.lease_id = granted.lease_id;
-    east.publish(req).await.unwrap();
+    let published = east.publish(req).await.unwrap().into_inner().revision;
     let renewed = east
         .keep_alive(proto::KeepAliveRequest {
             lease_id: granted.lease_id,
@@ -661,15 +646,12 @@ async fn a_lease_in_milliseconds_lapses_and_takes_its_records() {
         .unwrap()
         .into_inner();
     assert_eq!(renewed.ttl_millis, 300);
-    // Not renewed again: the record goes with the lease.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.get("gateways/east/gw-0").await.unwrap().is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the record outlived its 300 ms lease"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Not renewed again: the record goes with the lease (the next event is its delete).
+    let mut stream = watch_from(&mut east, Kind::Gateways, published).await;
+    let events = watch_events(&mut stream, 1).await;
+    assert_eq!(events[0].r#type, proto::EventType::Delete as i32);
+    assert_eq!(events[0].key, "gateways/east/gw-0");
+    assert!(store.get("gateways/east/gw-0").await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -708,6 +690,21 @@ async fn revision(c: &mut BrokerClient<Channel>, kind: Kind) -> u64 {
     .unwrap()
     .into_inner()
     .revision
+}
+
+/// A lease of `seconds`, or of `millis` when non-zero.
+async fn grant(
+    c: &mut BrokerClient<Channel>,
+    seconds: u32,
+    millis: u32,
+) -> proto::GrantLeaseResponse {
+    c.grant_lease(proto::GrantLeaseRequest {
+        ttl_seconds: seconds,
+        ttl_millis: millis,
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 /// A watch of `kind` from revision `from`.
@@ -821,14 +818,7 @@ async fn several_stateless_brokers_serve_one_etcd() {
         Code::FailedPrecondition
     );
     // etcd counts leases in whole seconds: a grant reports what it really got.
-    let granted = east_b
-        .grant_lease(proto::GrantLeaseRequest {
-            ttl_seconds: 0,
-            ttl_millis: 300,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let granted = grant(&mut east_b, 0, 300).await;
     assert!(
         granted.ttl_millis >= 1000 && granted.ttl_millis % 1000 == 0,
         "{granted:?}"

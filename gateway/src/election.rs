@@ -19,9 +19,6 @@ use std::collections::BTreeMap;
 
 use clusterlink_api::{ClusterId, GatewayEndpoint, GatewayRole, NodeName};
 
-#[cfg(test)]
-use clusterlink_api::active_gateway;
-
 /// The role this node should hold now.
 pub fn decide_role(
     cluster: &ClusterId,
@@ -60,6 +57,7 @@ pub fn decide_role(
 mod tests {
     use super::*;
     use GatewayRole::{Active, Passive};
+    use clusterlink_api::active_gateway;
 
     type View = BTreeMap<(ClusterId, NodeName), GatewayEndpoint>;
 

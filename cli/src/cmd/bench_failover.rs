@@ -87,10 +87,6 @@ fn outage(replies: &[(f64, u64)], since: f64) -> (f64, u64) {
     (gap * 1000.0, lost)
 }
 
-fn active_other_than(lab: &Lab, not: Option<&str>) -> Result<String> {
-    Ok(lab.wait_one_active(0, not, Duration::from_secs(30))?)
-}
-
 pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
     let bin = std::env::current_exe()?;
     let spec = |name: &str, gateways| ClusterSpec {
@@ -109,7 +105,7 @@ pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
     let mut rounds = Vec::new();
     let mut killed_last: Option<String> = None;
     for round in 1..=a.rounds {
-        let active = active_other_than(&lab, killed_last.as_deref())?;
+        let active = lab.wait_one_active(0, killed_last.as_deref(), Duration::from_secs(30))?;
         let k = lab.state.clusters[0]
             .gateways
             .iter()
@@ -155,7 +151,7 @@ pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
         let _ = ping.wait();
         let _ = reader.join();
         recovered?;
-        let took_over = active_other_than(&lab, Some(&active))?;
+        let took_over = lab.wait_one_active(0, Some(&active), Duration::from_secs(30))?;
         let (outage_ms, pings_lost) =
             outage(&replies.lock().unwrap_or_else(|p| p.into_inner()), kill_at);
         rounds.push(Round {
