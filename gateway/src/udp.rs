@@ -17,6 +17,10 @@ use crate::core::Transmit;
 const RECV_BATCH: usize = 16;
 /// Largest GSO send: the kernel's limit on one UDP send.
 const MAX_GSO_BYTES: usize = 65_000;
+/// Socket buffers asked for, each way (wireguard-go asks for the same). The kernel's
+/// default (about 208 KiB) holds three GSO bursts: a receiver a moment behind drops
+/// datagrams, and every drop is a TCP loss inside the tunnel.
+pub const SOCKET_BUFFER: usize = 7 << 20;
 
 pub struct BatchedUdp {
     socket: UdpSocket,
@@ -28,6 +32,7 @@ pub struct BatchedUdp {
 
 impl BatchedUdp {
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        size_buffers(&socket, SOCKET_BUFFER);
         let state = UdpSocketState::new((&socket).into())?;
         let buf_len = (state.gro_segments() * 1600).max(65_536);
         Ok(Self {
@@ -37,6 +42,15 @@ impl BatchedUdp {
             metas: vec![RecvMeta::default(); RECV_BATCH],
             gso: Vec::with_capacity(MAX_GSO_BYTES),
         })
+    }
+
+    /// The socket's receive and send buffers, in bytes, as the kernel reports them.
+    pub fn buffer_sizes(&self) -> io::Result<(usize, usize)> {
+        use nix::sys::socket::{getsockopt, sockopt};
+        Ok((
+            getsockopt(&self.socket, sockopt::RcvBuf)?,
+            getsockopt(&self.socket, sockopt::SndBuf)?,
+        ))
     }
 
     pub async fn readable(&self) -> io::Result<()> {
@@ -117,5 +131,42 @@ impl BatchedUdp {
                 }
             }
         }
+    }
+}
+
+/// Asks for `bytes` of socket buffer each way: past `net.core.[rw]mem_max` with
+/// CAP_NET_ADMIN (which a gateway has, for its TUN device), else up to that limit.
+fn size_buffers(socket: &UdpSocket, bytes: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
+    }
+    if let Ok(got) = nix::sys::socket::getsockopt(socket, sockopt::RcvBuf)
+        && got < bytes
+    {
+        tracing::warn!(
+            asked = bytes,
+            got,
+            "small UDP receive buffer: bursts may drop; raise net.core.rmem_max or run with CAP_NET_ADMIN"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffers are sized past the kernel's default. As root (CI) the forced size is
+    /// granted whatever `rmem_max` says; the kernel reports twice the size asked for.
+    #[tokio::test]
+    async fn socket_buffers_are_sized_for_bursts() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let udp = BatchedUdp::new(socket).unwrap();
+        let (rcv, snd) = udp.buffer_sizes().unwrap();
+        assert!(rcv >= SOCKET_BUFFER, "receive buffer {rcv}");
+        assert!(snd >= SOCKET_BUFFER, "send buffer {snd}");
     }
 }
