@@ -1,20 +1,22 @@
 //! The gateway's UDP socket, batched: `recvmmsg` with GRO on receive (one system call can
 //! bring many datagrams, coalesced by the kernel), GSO on send (consecutive equal-size
-//! datagrams to one peer leave in one system call). Falls back to one datagram per call
+//! datagrams to one peer leave in one system call, from their own buffers). Falls back to one datagram per call
 //! where the kernel lacks either.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 
-use quinn_udp::{RecvMeta, Transmit as UdpTransmit, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::core::Transmit;
 
-/// Messages per `recvmmsg`.
-const RECV_BATCH: usize = 16;
+/// Messages per `recvmmsg` (each up to 64 datagrams with GRO). Small on purpose: the data
+/// plane handles one `recvmmsg` per wake-up and writes what it decrypted before it reads
+/// again, so the stages either side of it keep working (4 measured best; BENCHMARKS.md).
+const RECV_BATCH: usize = 4;
 /// Largest GSO send: the kernel's limit on one UDP send.
 const MAX_GSO_BYTES: usize = 65_000;
 /// Socket buffers asked for, each way (wireguard-go asks for the same). The kernel's
@@ -27,7 +29,10 @@ pub struct BatchedUdp {
     state: UdpSocketState,
     bufs: Vec<Vec<u8>>,
     metas: Vec<RecvMeta>,
-    gso: Vec<u8>,
+    /// The datagrams of the GSO send being made (reused).
+    batch: Vec<Vec<u8>>,
+    /// Set once the kernel refused a GSO send.
+    gso_off: bool,
 }
 
 impl BatchedUdp {
@@ -40,7 +45,8 @@ impl BatchedUdp {
             state,
             bufs: (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect(),
             metas: vec![RecvMeta::default(); RECV_BATCH],
-            gso: Vec::with_capacity(MAX_GSO_BYTES),
+            batch: Vec::with_capacity(MAX_SEGMENTS),
+            gso_off: false,
         })
     }
 
@@ -84,54 +90,111 @@ impl BatchedUdp {
     }
 
     /// Sends every transmit, folding runs of equal-size datagrams to the same peer into GSO
-    /// sends. Waits for room when the socket is full. Each payload goes to `spent` once
-    /// copied out, for reuse.
+    /// sends: one `sendmsg` whose iovec points at each datagram's own buffer, so nothing is
+    /// copied on the way. Waits for room when the socket is full. Each payload goes to
+    /// `spent` once sent, for reuse.
     pub async fn send_all(&mut self, queue: &mut VecDeque<Transmit>, spent: &mut Vec<Vec<u8>>) {
-        let max_segments = self.state.max_gso_segments().max(1);
+        let max_segments = if self.gso_off {
+            1
+        } else {
+            self.state.max_gso_segments().clamp(1, MAX_SEGMENTS)
+        };
         while let Some(first) = queue.pop_front() {
             let size = first.payload.len();
-            self.gso.clear();
-            self.gso.extend_from_slice(&first.payload);
-            let mut segments = 1;
-            while segments < max_segments && self.gso.len() + size <= MAX_GSO_BYTES {
-                match queue.front() {
-                    Some(next) if next.dst == first.dst && next.payload.len() == size => {
-                        if let Some(next) = queue.pop_front() {
-                            self.gso.extend_from_slice(&next.payload);
-                            spent.push(next.payload);
-                            segments += 1;
-                        }
+            let dst = first.dst;
+            self.batch.push(first.payload);
+            while self.batch.len() < max_segments && (self.batch.len() + 1) * size <= MAX_GSO_BYTES
+            {
+                match queue.pop_front() {
+                    Some(next) if next.dst == dst && next.payload.len() == size => {
+                        self.batch.push(next.payload);
                     }
-                    _ => break,
-                }
-            }
-            spent.push(first.payload);
-            let transmit = UdpTransmit {
-                destination: first.dst,
-                ecn: None,
-                contents: &self.gso,
-                segment_size: (segments > 1).then_some(size),
-                src_ip: None,
-            };
-            loop {
-                let state = &self.state;
-                match self.socket.try_io(Interest::WRITABLE, || {
-                    state.try_send((&self.socket).into(), &transmit)
-                }) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if self.socket.writable().await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, dst = %first.dst, "UDP send failed");
+                    Some(other) => {
+                        queue.push_front(other);
                         break;
                     }
-                    Ok(()) => break,
+                    None => break,
                 }
+            }
+            self.send_batch(dst, size).await;
+            spent.append(&mut self.batch);
+        }
+    }
+
+    /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call.
+    async fn send_batch(&mut self, dst: SocketAddr, size: usize) {
+        let mut sent_alone = false;
+        loop {
+            let result = if sent_alone {
+                Ok(())
+            } else {
+                self.socket.try_io(Interest::WRITABLE, || {
+                    send_gso(&self.socket, dst, size, &self.batch)
+                })
+            };
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.socket.writable().await.is_err() {
+                        return;
+                    }
+                }
+                // EIO: the route's device cannot segment; send one by one from now on.
+                Err(e) if e.raw_os_error() == Some(libc_eio()) && self.batch.len() > 1 => {
+                    tracing::warn!(dst = %dst, "UDP GSO refused by the kernel; sending datagrams one by one");
+                    self.gso_off = true;
+                    for d in &self.batch {
+                        if let Err(e) =
+                            send_gso(&self.socket, dst, d.len(), std::slice::from_ref(d))
+                        {
+                            tracing::debug!(error = %e, dst = %dst, "UDP send failed");
+                        }
+                    }
+                    sent_alone = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, dst = %dst, "UDP send failed");
+                    return;
+                }
+                Ok(()) => return,
             }
         }
     }
+}
+
+/// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS).
+const MAX_SEGMENTS: usize = 64;
+
+const fn libc_eio() -> i32 {
+    nix::errno::Errno::EIO as i32
+}
+
+/// One `sendmsg` of `datagrams` (each `size` bytes but possibly the last) to `dst`, with
+/// UDP_SEGMENT when there is more than one.
+fn send_gso(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    size: usize,
+    datagrams: &[Vec<u8>],
+) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS];
+    let n = datagrams.len().min(MAX_SEGMENTS);
+    for (slot, d) in iov.iter_mut().zip(datagrams) {
+        *slot = IoSlice::new(d);
+    }
+    let segment = u16::try_from(size).unwrap_or(u16::MAX);
+    let gso = [ControlMessage::UdpGsoSegments(&segment)];
+    let cmsgs: &[ControlMessage<'_>] = if n > 1 { &gso } else { &[] };
+    let addr = SockaddrStorage::from(dst);
+    sendmsg(
+        socket.as_raw_fd(),
+        &iov[..n],
+        cmsgs,
+        MsgFlags::empty(),
+        Some(&addr),
+    )?;
+    Ok(())
 }
 
 /// Asks for `bytes` of socket buffer each way: past `net.core.[rw]mem_max` with
@@ -168,5 +231,50 @@ mod tests {
         let (rcv, snd) = udp.buffer_sizes().unwrap();
         assert!(rcv >= SOCKET_BUFFER, "receive buffer {rcv}");
         assert!(snd >= SOCKET_BUFFER, "send buffer {snd}");
+    }
+
+    /// A queue of equal-size datagrams to one peer, then others, arrives whole and in order
+    /// through GSO sends, and every buffer comes back for reuse.
+    #[tokio::test]
+    async fn gso_sends_arrive_whole_and_in_order() {
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        // Room for all of it, so nothing is dropped before it is read.
+        nix::sys::socket::setsockopt(
+            &receiver,
+            nix::sys::socket::sockopt::RcvBufForce,
+            &SOCKET_BUFFER,
+        )
+        .unwrap();
+        let dst = receiver.local_addr().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut udp = BatchedUdp::new(socket).unwrap();
+        // 100 datagrams of 1200 bytes (more than one GSO send), then a short one and
+        // 3 more of 1200: four sends at least.
+        let sizes: Vec<usize> = (0..100)
+            .map(|_| 1200)
+            .chain([77])
+            .chain((0..3).map(|_| 1200))
+            .collect();
+        let mut queue: VecDeque<Transmit> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Transmit {
+                dst,
+                payload: (0..len).map(|j| (i * 7 + j) as u8).collect(),
+            })
+            .collect();
+        let expected: Vec<Vec<u8>> = queue.iter().map(|t| t.payload.clone()).collect();
+        let mut spent = Vec::new();
+        udp.send_all(&mut queue, &mut spent).await;
+        assert!(queue.is_empty());
+        assert_eq!(spent.len(), expected.len(), "every buffer is returned");
+        let mut buf = [0u8; 2048];
+        for (i, want) in expected.iter().enumerate() {
+            let n = receiver.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &want[..], "datagram {i}");
+        }
     }
 }
