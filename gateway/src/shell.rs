@@ -282,32 +282,17 @@ async fn data_plane(
                     for i in 0..n {
                         core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
                     }
-                    // Take what else is ready in the same wake-up.
-                    for _ in 0..BATCH {
-                        match tun.try_recv_multiple(&mut tun_raw, &mut tun_segs, &mut tun_sizes, 0) {
-                            Ok(n) => {
-                                for i in 0..n {
-                                    core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
-                                }
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    // One read per wake-up: what it brought is sent before the next read,
+                    // so the peer decrypts while this side encrypts more (see BENCHMARKS.md).
                 }
                 Err(e) => debug!(error = %e, "TUN read failed"),
             },
             r = udp.readable() => match r {
                 Ok(()) => {
                     let now = Instant::now();
-                    for _ in 0..4 {
-                        match udp.try_recv(|from, d| core.handle_datagram(from, d, now)) {
-                            Ok(0) => break,
-                            Ok(_) => {}
-                            Err(e) => {
-                                debug!(error = %e, "UDP receive failed");
-                                break;
-                            }
-                        }
+                    // One `recvmmsg` per wake-up, for the same reason.
+                    if let Err(e) = udp.try_recv(|from, d| core.handle_datagram(from, d, now)) {
+                        debug!(error = %e, "UDP receive failed");
                     }
                 }
                 Err(e) => debug!(error = %e, "UDP receive failed"),
@@ -351,9 +336,6 @@ async fn data_plane(
 
 /// Room in front of each packet written to the TUN device (its virtio-net header).
 const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-
-/// Packets taken from one socket per wake-up, beyond the first.
-const BATCH: usize = 63;
 
 /// Turns the broker's view into peers, for as long as the data plane listens.
 async fn follow_broker(
