@@ -1,7 +1,7 @@
 //! The gateway's UDP socket, batched: `recvmmsg` with GRO on receive (one system call can
 //! bring many datagrams, coalesced by the kernel), GSO on send (consecutive equal-size
-//! datagrams to one peer leave in one system call, from their own buffers). Falls back to one datagram per call
-//! where the kernel lacks either.
+//! datagrams to one peer leave in one system call, from their own buffers). Falls back to
+//! one datagram per call where the kernel lacks either.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -123,24 +123,25 @@ impl BatchedUdp {
 
     /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call.
     async fn send_batch(&mut self, dst: SocketAddr, size: usize) {
-        let mut sent_alone = false;
         loop {
-            let result = if sent_alone {
-                Ok(())
-            } else {
-                self.socket.try_io(Interest::WRITABLE, || {
-                    send_gso(&self.socket, dst, size, &self.batch)
-                })
-            };
+            let result = self.socket.try_io(Interest::WRITABLE, || {
+                send_gso(&self.socket, dst, size, &self.batch)
+            });
             match result {
+                Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if self.socket.writable().await.is_err() {
                         return;
                     }
                 }
-                // EIO: the route's device cannot segment; send one by one from now on.
-                Err(e) if e.raw_os_error() == Some(libc_eio()) && self.batch.len() > 1 => {
-                    tracing::warn!(dst = %dst, "UDP GSO refused by the kernel; sending datagrams one by one");
+                // EIO: the route's device cannot segment. Send these one by one, and every
+                // later datagram too.
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EIO as i32) => {
+                    if self.batch.len() == 1 {
+                        tracing::debug!(error = %e, dst = %dst, "UDP send failed");
+                        return;
+                    }
+                    tracing::warn!(dst = %dst, "the kernel refused a UDP GSO send; sending datagrams one by one");
                     self.gso_off = true;
                     for d in &self.batch {
                         if let Err(e) =
@@ -149,13 +150,12 @@ impl BatchedUdp {
                             tracing::debug!(error = %e, dst = %dst, "UDP send failed");
                         }
                     }
-                    sent_alone = true;
+                    return;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, dst = %dst, "UDP send failed");
                     return;
                 }
-                Ok(()) => return,
             }
         }
     }
@@ -163,10 +163,6 @@ impl BatchedUdp {
 
 /// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS).
 const MAX_SEGMENTS: usize = 64;
-
-const fn libc_eio() -> i32 {
-    nix::errno::Errno::EIO as i32
-}
 
 /// One `sendmsg` of `datagrams` (each `size` bytes but possibly the last) to `dst`, with
 /// UDP_SEGMENT when there is more than one.
