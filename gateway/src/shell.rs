@@ -270,10 +270,17 @@ async fn data_plane(
     let mut spent: Vec<Vec<u8>> = Vec::new();
     let mut status_at = Instant::now();
     tokio::pin!(shutdown);
+    // One timer for the core's deadline, moved only when the deadline moves: no timer
+    // registration per wake-up.
+    let timer = tokio::time::sleep_until(Instant::now().into());
+    tokio::pin!(timer);
     loop {
         let deadline = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+        if timer.deadline() != deadline.into() {
+            timer.as_mut().reset(deadline.into());
+        }
         tokio::select! {
             _ = &mut shutdown => break,
             r = tun.recv_multiple(&mut tun_raw, &mut tun_segs, &mut tun_sizes, 0) => match r {
@@ -297,7 +304,7 @@ async fn data_plane(
                 }
                 Err(e) => debug!(error = %e, "UDP receive failed"),
             },
-            _ = tokio::time::sleep_until(deadline.into()) => core.handle_timeout(Instant::now()),
+            _ = &mut timer => core.handle_timeout(Instant::now()),
             changed = peers_rx.changed() => {
                 if changed.is_err() { break; }
                 let specs = peers_rx.borrow_and_update().clone();
