@@ -52,11 +52,7 @@ impl BatchedUdp {
 
     /// The socket's receive and send buffers, in bytes, as the kernel reports them.
     pub fn buffer_sizes(&self) -> io::Result<(usize, usize)> {
-        use nix::sys::socket::{getsockopt, sockopt};
-        Ok((
-            getsockopt(&self.socket, sockopt::RcvBuf)?,
-            getsockopt(&self.socket, sockopt::SndBuf)?,
-        ))
+        buffer_sizes(&self.socket)
     }
 
     pub async fn readable(&self) -> io::Result<()> {
@@ -174,8 +170,14 @@ fn send_gso(
 ) -> io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
     use std::os::fd::AsRawFd;
+    let n = datagrams.len();
+    if n > MAX_SEGMENTS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{n} datagrams in one GSO send; at most {MAX_SEGMENTS}"),
+        ));
+    }
     let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS];
-    let n = datagrams.len().min(MAX_SEGMENTS);
     for (slot, d) in iov.iter_mut().zip(datagrams) {
         *slot = IoSlice::new(d);
     }
@@ -203,7 +205,7 @@ fn size_buffers(socket: &UdpSocket, bytes: usize) {
     if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
         let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
     }
-    if let Ok(got) = nix::sys::socket::getsockopt(socket, sockopt::RcvBuf)
+    if let Ok((got, _)) = buffer_sizes(socket)
         && got < bytes
     {
         tracing::warn!(
@@ -212,6 +214,15 @@ fn size_buffers(socket: &UdpSocket, bytes: usize) {
             "small UDP receive buffer: bursts may drop; raise net.core.rmem_max or run with CAP_NET_ADMIN"
         );
     }
+}
+
+/// Receive and send buffer sizes, as the kernel reports them.
+fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    Ok((
+        getsockopt(socket, sockopt::RcvBuf)?,
+        getsockopt(socket, sockopt::SndBuf)?,
+    ))
 }
 
 #[cfg(test)]
@@ -225,8 +236,9 @@ mod tests {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let udp = BatchedUdp::new(socket).unwrap();
         let (rcv, snd) = udp.buffer_sizes().unwrap();
-        assert!(rcv >= SOCKET_BUFFER, "receive buffer {rcv}");
-        assert!(snd >= SOCKET_BUFFER, "send buffer {snd}");
+        // Without root (CAP_NET_ADMIN) the kernel caps the size at net.core.[rw]mem_max.
+        assert!(rcv >= SOCKET_BUFFER, "receive buffer {rcv} (run as root)");
+        assert!(snd >= SOCKET_BUFFER, "send buffer {snd} (run as root)");
     }
 
     /// A queue of equal-size datagrams to one peer, then others, arrives whole and in order
