@@ -4,10 +4,14 @@
 //! - [`core`]: peers, routing, endpoints and health probes, without I/O.
 //! - [`view`]: the broker's records turned into peers.
 //! - [`election`]: which of a cluster's gateway nodes is active.
-//! - [`shell`]: `run(config, shutdown)`: TUN, UDP, broker.
+//! - [`plane`]: the data plane, an epoll loop over the TUN device and the UDP socket.
+//! - [`udp`]: the UDP socket, batched (recvmmsg/GRO, GSO).
+//! - [`shell`]: `run(config, shutdown)`: the data plane's thread, the broker follower and
+//!   the publisher.
 
 pub mod core;
 pub mod election;
+pub mod plane;
 pub mod shell;
 pub mod udp;
 pub mod view;

@@ -1,15 +1,17 @@
 //! `clusterlink gateway run`: the I/O around [`crate::core::GatewayCore`].
 //!
-//! Three tasks: the data plane (owns the core; TUN device, UDP socket, timers), the broker
+//! Three parts: the data plane (owns the core; TUN device, UDP socket, timers; an epoll loop
+//! on its own thread, [`crate::plane`]), and two tokio tasks: the broker
 //! follower (list+watch of clusters and gateways, turned into peers), and the publisher
 //! (this gateway's endpoint under a lease, and its tunnels' status). The data plane never
 //! waits on the broker: through a broker outage it keeps the last peers it had.
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clusterlink_api::{
@@ -18,14 +20,14 @@ use clusterlink_api::{
 use clusterlink_broker::client::{ClientError, Credentials, connect_with};
 use clusterlink_broker::follow::{ClusterSet, follow};
 use thiserror::Error;
-use tokio::net::UdpSocket;
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
 use crate::election::decide_role;
+use crate::plane::{Control, Plane, Wake};
 use crate::view::peer_specs;
-use crate::wg::{MAX_DATAGRAM, StaticSecret};
+use crate::wg::StaticSecret;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -115,32 +117,34 @@ pub async fn run(
         .parse()
         .map_err(|_| GatewayError::NotACluster(config.credentials.identity.clone()))?;
     let secret = load_or_create_key(&config.key_file)?;
-    let mut core = GatewayCore::new(secret);
-    core.set_tun_headroom(TUN_HEADROOM);
+    let core = GatewayCore::new(secret);
     let public_key = core.public_key();
 
     let (peers_tx, peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
     let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let wake = Arc::new(Wake::new().map_err(GatewayError::Runtime)?);
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), GatewayError>>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
-    // The data plane has an OS thread and a single-threaded runtime of its own: the thread
-    // that waits in epoll is the one that handles the packet, with no hand-over between
-    // threads per wake-up (a task on the main runtime is woken from another thread).
+    // The data plane is an epoll loop on an OS thread of its own (crate::plane).
     let plane = {
         let config = config.clone();
+        let ctl = Control {
+            peers: peers_rx,
+            status: status_tx,
+            stop: stop_rx,
+            wake: wake.clone(),
+        };
         std::thread::Builder::new()
             .name("clusterlink-data".into())
             .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match runtime {
-                    Ok(rt) => rt.block_on(data_plane(
-                        &config, core, peers_rx, status_tx, stop_rx, ready_tx,
-                    )),
+                match Plane::open(&config, &ctl.wake) {
+                    Ok(plane) => {
+                        let _ = ready_tx.send(Ok(()));
+                        plane.run(core, ctl);
+                    }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(GatewayError::Runtime(e)));
+                        let _ = ready_tx.send(Err(e));
                     }
                 }
                 let _ = done_tx.send(());
@@ -162,7 +166,12 @@ pub async fn run(
         config.credentials.clone(),
         &[Kind::Clusters, Kind::Gateways],
     );
-    let follower = tokio::spawn(follow_broker(view.clone(), cluster.clone(), peers_tx));
+    let follower = tokio::spawn(follow_broker(
+        view.clone(),
+        cluster.clone(),
+        peers_tx,
+        wake.clone(),
+    ));
     let endpoint = GatewayEndpoint {
         cluster: cluster.clone(),
         node: config.node.clone(),
@@ -206,157 +215,29 @@ pub async fn run(
         _ => warn!("could not withdraw the endpoint; it lapses with its lease"),
     }
     let _ = stop_tx.send(true);
+    wake.poke();
     let _ = tokio::task::spawn_blocking(move || plane.join()).await;
     follower.abort();
     Ok(())
 }
-
-/// The data plane: TUN device, UDP socket, timers, around the core. Reports through `ready`
-/// whether the devices could be made, then runs until `stop` or until the follower ends.
-async fn data_plane(
-    config: &GatewayConfig,
-    mut core: GatewayCore,
-    mut peers_rx: watch::Receiver<Option<Vec<PeerSpec>>>,
-    status_tx: watch::Sender<Vec<PeerStatus>>,
-    mut stop: watch::Receiver<bool>,
-    ready: oneshot::Sender<Result<(), GatewayError>>,
-) {
-    let devices = async {
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&config.tun_name)
-            .ipv4(config.tunnel_ip, 32u8, None)
-            .mtu(config.mtu)
-            // IFF_VNET_HDR with TSO: the kernel hands over TCP super-packets, split here.
-            .offload(true)
-            .build_async()
-            .map_err(|source| GatewayError::Tun {
-                name: config.tun_name.clone(),
-                source,
-            })?;
-        let udp_err = |source| GatewayError::Udp {
-            port: config.listen_port,
-            source,
-        };
-        let udp = UdpSocket::bind(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            config.listen_port,
-        ))
-        .await
-        .map_err(udp_err)?;
-        let udp = crate::udp::BatchedUdp::new(udp).map_err(udp_err)?;
-        Ok::<_, GatewayError>((tun, udp))
-    };
-    let (tun, mut udp) = match devices.await {
-        Ok(d) => {
-            let _ = ready.send(Ok(()));
-            d
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
-    let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
-        .map(|_| vec![0u8; MAX_DATAGRAM])
-        .collect();
-    let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut tun_out: Vec<Vec<u8>> = Vec::new();
-    let mut gro = tun_rs::GROTable::default();
-    let mut outgoing = std::collections::VecDeque::new();
-    let mut spent: Vec<Vec<u8>> = Vec::new();
-    let mut status_at = Instant::now();
-    tokio::pin!(shutdown);
-    // One timer for the core's deadline, moved only when the deadline moves: no timer
-    // registration per wake-up.
-    let timer = tokio::time::sleep_until(Instant::now().into());
-    tokio::pin!(timer);
-    loop {
-        let deadline = core
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
-        if timer.deadline() != deadline.into() {
-            timer.as_mut().reset(deadline.into());
-        }
-        tokio::select! {
-            _ = &mut shutdown => break,
-            r = tun.recv_multiple(&mut tun_raw, &mut tun_segs, &mut tun_sizes, 0) => match r {
-                Ok(n) => {
-                    let now = Instant::now();
-                    for i in 0..n {
-                        core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
-                    }
-                    // One read per wake-up: what it brought is sent before the next read,
-                    // so the peer decrypts while this side encrypts more (see BENCHMARKS.md).
-                }
-                Err(e) => debug!(error = %e, "TUN read failed"),
-            },
-            r = udp.readable() => match r {
-                Ok(()) => {
-                    let now = Instant::now();
-                    // One `recvmmsg` per wake-up, for the same reason.
-                    if let Err(e) = udp.try_recv(|from, d| core.handle_datagram(from, d, now)) {
-                        debug!(error = %e, "UDP receive failed");
-                    }
-                }
-                Err(e) => debug!(error = %e, "UDP receive failed"),
-            },
-            _ = &mut timer => core.handle_timeout(Instant::now()),
-            changed = peers_rx.changed() => {
-                if changed.is_err() { break; }
-                let specs = peers_rx.borrow_and_update().clone();
-                if let Some(specs) = specs {
-                    core.set_peers(specs, Instant::now());
-                }
-            }
-        }
-        core.drain_transmits(&mut outgoing);
-        udp.send_all(&mut outgoing, &mut spent).await;
-        for b in spent.drain(..) {
-            core.recycle(b);
-        }
-        // Decrypted packets go to the TUN device together, so TCP segments can be coalesced
-        // (GRO) into fewer writes; each needs room in front for the virtio header.
-        while let Some(p) = core.poll_tun() {
-            tun_out.push(p);
-        }
-        if !tun_out.is_empty()
-            && let Err(e) = tun
-                .send_multiple(&mut gro, &mut tun_out, TUN_HEADROOM)
-                .await
-        {
-            debug!(error = %e, "TUN write failed");
-        }
-        for b in tun_out.drain(..) {
-            core.recycle(b);
-        }
-        let now = Instant::now();
-        if now.duration_since(status_at) >= Duration::from_millis(500) {
-            status_at = now;
-            let _ = status_tx.send(core.status(now));
-        }
-    }
-}
-
-/// Room in front of each packet written to the TUN device (its virtio-net header).
-const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Turns the broker's view into peers, for as long as the data plane listens.
 async fn follow_broker(
     mut set: watch::Receiver<Option<ClusterSet>>,
     local: ClusterId,
     out: watch::Sender<Option<Vec<PeerSpec>>>,
+    wake: Arc<Wake>,
 ) {
     while set.changed().await.is_ok() {
         let specs = set
             .borrow_and_update()
             .as_ref()
             .map(|s| peer_specs(&local, &s.clusters, &s.gateways));
-        if specs.is_some() && out.send(specs).is_err() {
-            return;
+        if specs.is_some() {
+            if out.send(specs).is_err() {
+                return;
+            }
+            wake.poke();
         }
     }
 }

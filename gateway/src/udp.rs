@@ -7,9 +7,11 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
 use quinn_udp::{RecvMeta, UdpSocketState};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
 use crate::core::Transmit;
 
@@ -24,6 +26,11 @@ const MAX_GSO_BYTES: usize = 65_000;
 /// datagrams, and every drop is a TCP loss inside the tunnel.
 pub const SOCKET_BUFFER: usize = 7 << 20;
 
+/// How long a send waits for room in a full socket before its datagrams are dropped (as a
+/// full link would drop them): the data plane never hangs on one peer.
+const SEND_WAIT: Duration = Duration::from_secs(1);
+
+/// A non-blocking UDP socket; the data plane's epoll loop waits for it to be readable.
 pub struct BatchedUdp {
     socket: UdpSocket,
     state: UdpSocketState,
@@ -37,6 +44,7 @@ pub struct BatchedUdp {
 
 impl BatchedUdp {
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
         size_buffers(&socket, SOCKET_BUFFER);
         let state = UdpSocketState::new((&socket).into())?;
         let buf_len = (state.gro_segments() * 1600).max(65_536);
@@ -55,8 +63,8 @@ impl BatchedUdp {
         buffer_sizes(&self.socket)
     }
 
-    pub async fn readable(&self) -> io::Result<()> {
-        self.socket.readable().await
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
     }
 
     /// Receives what is ready (without waiting) and hands each datagram to `f`. Returns the
@@ -66,9 +74,7 @@ impl BatchedUdp {
             self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
         let state = &self.state;
         let metas = &mut self.metas;
-        let n = match self.socket.try_io(Interest::READABLE, || {
-            state.recv((&self.socket).into(), &mut slices, metas)
-        }) {
+        let n = match state.recv((&self.socket).into(), &mut slices, metas) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) => return Err(e),
@@ -87,9 +93,9 @@ impl BatchedUdp {
 
     /// Sends every transmit, folding runs of equal-size datagrams to the same peer into GSO
     /// sends: one `sendmsg` whose iovec points at each datagram's own buffer, so nothing is
-    /// copied on the way. Waits for room when the socket is full. Each payload goes to
-    /// `spent` once sent, for reuse.
-    pub async fn send_all(&mut self, queue: &mut VecDeque<Transmit>, spent: &mut Vec<Vec<u8>>) {
+    /// copied on the way. Waits for room when the socket is full (up to [`SEND_WAIT`]).
+    /// Each payload goes to `spent` once sent, for reuse.
+    pub fn send_all(&mut self, queue: &mut VecDeque<Transmit>, spent: &mut Vec<Vec<u8>>) {
         let max_segments = if self.gso_off {
             1
         } else {
@@ -112,21 +118,19 @@ impl BatchedUdp {
                     None => break,
                 }
             }
-            self.send_batch(dst, size).await;
+            self.send_batch(dst, size);
             spent.append(&mut self.batch);
         }
     }
 
     /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call.
-    async fn send_batch(&mut self, dst: SocketAddr, size: usize) {
+    fn send_batch(&mut self, dst: SocketAddr, size: usize) {
         loop {
-            let result = self.socket.try_io(Interest::WRITABLE, || {
-                send_gso(&self.socket, dst, size, &self.batch)
-            });
-            match result {
+            match send_gso(&self.socket, dst, size, &self.batch) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.socket.writable().await.is_err() {
+                    if !wait_writable(&self.socket, SEND_WAIT) {
+                        tracing::warn!(dst = %dst, datagrams = self.batch.len(), "UDP socket full for {SEND_WAIT:?}; datagrams dropped");
                         return;
                     }
                 }
@@ -153,6 +157,20 @@ impl BatchedUdp {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Waits until `socket` has room to send, or `limit` passes; true if it has.
+fn wait_writable(socket: &UdpSocket, limit: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(n) => return n > 0,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
         }
     }
 }
@@ -231,9 +249,9 @@ mod tests {
 
     /// The buffers are sized past the kernel's default. As root (CI) the forced size is
     /// granted whatever `rmem_max` says; the kernel reports twice the size asked for.
-    #[tokio::test]
-    async fn socket_buffers_are_sized_for_bursts() {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    #[test]
+    fn socket_buffers_are_sized_for_bursts() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let udp = BatchedUdp::new(socket).unwrap();
         let (rcv, snd) = udp.buffer_sizes().unwrap();
         // Without root (CAP_NET_ADMIN) the kernel caps the size at net.core.[rw]mem_max.
@@ -243,8 +261,8 @@ mod tests {
 
     /// A queue of equal-size datagrams to one peer, then others, arrives whole and in order
     /// through GSO sends, and every buffer comes back for reuse.
-    #[tokio::test]
-    async fn gso_sends_arrive_whole_and_in_order() {
+    #[test]
+    fn gso_sends_arrive_whole_and_in_order() {
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         receiver
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -257,7 +275,7 @@ mod tests {
         )
         .unwrap();
         let dst = receiver.local_addr().unwrap();
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut udp = BatchedUdp::new(socket).unwrap();
         // 100 datagrams of 1200 bytes (more than one GSO send), then a short one and
         // 3 more of 1200: four sends at least.
@@ -276,7 +294,7 @@ mod tests {
             .collect();
         let expected: Vec<Vec<u8>> = queue.iter().map(|t| t.payload.clone()).collect();
         let mut spent = Vec::new();
-        udp.send_all(&mut queue, &mut spent).await;
+        udp.send_all(&mut queue, &mut spent);
         assert!(queue.is_empty());
         assert_eq!(spent.len(), expected.len(), "every buffer is returned");
         let mut buf = [0u8; 2048];
