@@ -2,6 +2,10 @@
 //! two namespaces over one veth pair: bare, through clusterlink's gateway, through Debian's
 //! wireguard-go, and through boringtun-cli, in one run.
 //!
+//! Throughput is measured path by path. RTT is measured once every tunnel is up, in
+//! rounds: each round pings every path in turn, so a slow or fast phase of the machine
+//! falls on all paths alike rather than on whichever was measured then.
+//!
 //! ```text
 //!   bench-l 10.99.0.1 ──veth── 10.99.0.2 bench-r
 //!   tunnels:  clusterlink 10.1.255.1 ⇄ 10.2.255.1   (udp 51820; broker in bench-l)
@@ -26,6 +30,9 @@ pub struct TunnelBenchArgs {
     /// Seconds of iperf3 per path.
     #[arg(long, default_value_t = 10)]
     pub seconds: u32,
+    /// RTT rounds; each pings every path 100 times, 10 ms apart.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rtt_rounds: u32,
     /// boringtun-cli binary (`cargo install boringtun-cli`); skipped if absent.
     #[arg(long, default_value = "/opt/boringtun-cli/bin/boringtun-cli")]
     pub boringtun: PathBuf,
@@ -39,7 +46,10 @@ pub struct PathResult {
     pub path: String,
     pub gbit_per_s: f64,
     pub rtt_avg_ms: f64,
+    pub rtt_min_ms: f64,
     pub rtt_overhead_ms: f64,
+    /// Rounds whose average RTT was below boringtun-cli's in the same round.
+    pub rtt_rounds_below_boringtun: Option<u32>,
     pub vs_wireguard_go: Option<f64>,
 }
 
@@ -49,8 +59,10 @@ impl Tabular for PathResult {
             "PATH",
             "Gbit/s",
             "RTT avg ms",
+            "RTT min ms",
             "RTT over veth ms",
             "x wireguard-go",
+            "RTT rounds below boringtun-cli",
         ]
     }
     fn row(&self) -> Vec<String> {
@@ -58,9 +70,13 @@ impl Tabular for PathResult {
             self.path.clone(),
             format!("{:.2}", self.gbit_per_s),
             format!("{:.3}", self.rtt_avg_ms),
+            format!("{:.3}", self.rtt_min_ms),
             format!("{:.3}", self.rtt_overhead_ms),
             self.vs_wireguard_go
                 .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            self.rtt_rounds_below_boringtun
+                .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
         ]
     }
@@ -102,15 +118,48 @@ pub(crate) fn iperf(
 
 /// Average RTT in ms over 200 pings, 10 ms apart.
 pub(crate) fn rtt(client: &Netns, addr: &str) -> Result<f64> {
-    let out = client.exec("ping", &["-q", "-c", "200", "-i", "0.01", "-W", "1", addr])?;
+    Ok(pings(client, addr, 200)?.avg_ms)
+}
+
+/// What `ping` reports of `count` pings, 10 ms apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PingStats {
+    pub min_ms: f64,
+    pub avg_ms: f64,
+}
+
+pub(crate) fn pings(client: &Netns, addr: &str, count: u32) -> Result<PingStats> {
+    let out = client.exec(
+        "ping",
+        &[
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            addr,
+        ],
+    )?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // rtt min/avg/max/mdev = a/b/c/d ms
-    text.lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow!("cannot read ping's RTT from: {text}"))
+    parse_ping(&text).ok_or_else(|| anyhow!("cannot read ping's RTT from: {text}"))
+}
+
+/// Reads `rtt min/avg/max/mdev = a/b/c/d ms` from ping's summary.
+fn parse_ping(text: &str) -> Option<PingStats> {
+    let values = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))?
+        .split('=')
+        .nth(1)?
+        .trim()
+        .trim_end_matches(" ms");
+    let mut v = values.split('/').map(|x| x.parse::<f64>().ok());
+    Some(PingStats {
+        min_ms: v.next()??,
+        avg_ms: v.next()??,
+    })
 }
 
 fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
@@ -186,17 +235,20 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     l.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"])?;
     r.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])?;
     let mut results: Vec<PathResult> = Vec::new();
-    let mut measure = |name: &str, addr: &str| -> Result<()> {
-        progress(&format!("{name}: iperf3 {}s, then 200 pings", a.seconds));
+    let mut addrs: Vec<&str> = Vec::new();
+    let mut measure = |name: &str, addr: &'static str| -> Result<()> {
+        progress(&format!("{name}: iperf3 {}s", a.seconds));
         let gbit = iperf(&l, &r, &bed, addr, a.seconds)?;
-        let ms = rtt(&l, addr)?;
         results.push(PathResult {
             path: name.into(),
             gbit_per_s: gbit,
-            rtt_avg_ms: ms,
+            rtt_avg_ms: 0.0,
+            rtt_min_ms: 0.0,
             rtt_overhead_ms: 0.0,
             vs_wireguard_go: None,
+            rtt_rounds_below_boringtun: None,
         });
+        addrs.push(addr);
         Ok(())
     };
     measure("veth (no tunnel)", "10.99.0.2")?;
@@ -321,6 +373,40 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
             a.boringtun.display()
         ));
     }
+    // RTT in rounds, every path in each (all tunnels stay up; the others idle meanwhile).
+    let mut rounds: Vec<Vec<PingStats>> = Vec::new();
+    for round in 1..=a.rtt_rounds {
+        let mut this = Vec::new();
+        for addr in &addrs {
+            this.push(pings(&l, addr, 100)?);
+        }
+        let line: Vec<String> = results
+            .iter()
+            .zip(&this)
+            .map(|(r, p)| format!("{} {:.3}", r.path, p.avg_ms))
+            .collect();
+        progress(&format!(
+            "RTT round {round}/{}: {}",
+            a.rtt_rounds,
+            line.join(", ")
+        ));
+        rounds.push(this);
+    }
+    let boringtun_at = results.iter().position(|r| r.path == "boringtun-cli");
+    for (i, r) in results.iter_mut().enumerate() {
+        let column: Vec<PingStats> = rounds.iter().map(|round| round[i]).collect();
+        r.rtt_avg_ms = column.iter().map(|p| p.avg_ms).sum::<f64>() / column.len() as f64;
+        r.rtt_min_ms = column
+            .iter()
+            .map(|p| p.min_ms)
+            .fold(f64::INFINITY, f64::min);
+        r.rtt_rounds_below_boringtun = boringtun_at.filter(|&b| b != i).map(|b| {
+            rounds
+                .iter()
+                .filter(|round| round[i].avg_ms < round[b].avg_ms)
+                .count() as u32
+        });
+    }
     for sock in ["wgb0", "wgb1", "btb0", "btb1"] {
         let _ = std::fs::remove_file(Path::new("/var/run/wireguard").join(format!("{sock}.sock")));
     }
@@ -335,4 +421,28 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     }
     print(&render(&results, a.output)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_is_read() {
+        let text = "--- 10.2.255.1 ping statistics ---\n\
+                    100 packets transmitted, 100 received, 0% packet loss, time 1010ms\n\
+                    rtt min/avg/max/mdev = 0.058/0.131/0.225/0.027 ms\n";
+        assert_eq!(
+            parse_ping(text),
+            Some(PingStats {
+                min_ms: 0.058,
+                avg_ms: 0.131
+            })
+        );
+        // Every ping lost: no summary line, no figures.
+        assert_eq!(
+            parse_ping("100 packets transmitted, 0 received, 100% packet loss\n"),
+            None
+        );
+    }
 }
