@@ -47,6 +47,7 @@ impl BatchedUdp {
         socket.set_nonblocking(true)?;
         size_buffers(&socket, SOCKET_BUFFER);
         let state = UdpSocketState::new((&socket).into())?;
+        quiet_ancillary(&socket);
         let buf_len = (state.gro_segments() * 1600).max(65_536);
         Ok(Self {
             socket,
@@ -234,6 +235,22 @@ fn size_buffers(socket: &UdpSocket, bytes: usize) {
     }
 }
 
+/// Turns off the ancillary data quinn-udp asks for on behalf of a QUIC stack and a WireGuard
+/// gateway does not use: receive timestamps (which also make the kernel timestamp every
+/// packet it receives, host-wide), the TOS byte and the destination address. Each is a
+/// control message per `recvmmsg` slot; UDP_GRO's segment size stays.
+fn quiet_ancillary(socket: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let results = [
+        setsockopt(socket, sockopt::ReceiveTimestampns, &false),
+        setsockopt(socket, sockopt::IpRecvTos, &false),
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &false),
+    ];
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        tracing::debug!(error = %e, "cannot turn off a UDP control message");
+    }
+}
+
 /// Receive and send buffer sizes, as the kernel reports them.
 fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
     use nix::sys::socket::{getsockopt, sockopt};
@@ -257,6 +274,47 @@ mod tests {
         // Without root (CAP_NET_ADMIN) the kernel caps the size at net.core.[rw]mem_max.
         assert!(rcv >= SOCKET_BUFFER, "receive buffer {rcv} (run as root)");
         assert!(snd >= SOCKET_BUFFER, "send buffer {snd} (run as root)");
+    }
+
+    /// Only GRO's control message stays on: no timestamps, TOS or destination address per
+    /// datagram. Datagrams still arrive, with their sender.
+    #[test]
+    fn only_gro_ancillary_data_is_asked_for() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut udp = BatchedUdp::new(socket).unwrap();
+        let s = udp.socket();
+        assert!(!getsockopt(s, sockopt::ReceiveTimestampns).unwrap());
+        assert!(!getsockopt(s, sockopt::IpRecvTos).unwrap());
+        assert!(!getsockopt(s, sockopt::Ipv4PacketInfo).unwrap());
+        assert!(getsockopt(s, sockopt::UdpGroSegment).unwrap());
+
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = udp.socket().local_addr().unwrap();
+        for i in 0..3u8 {
+            sender.send_to(&[i; 100], to).unwrap();
+        }
+        let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 3 && std::time::Instant::now() < deadline {
+            if !wait_readable(udp.socket(), Duration::from_millis(100)) {
+                continue;
+            }
+            udp.try_recv(|from, d| got.push((from, d.to_vec())))
+                .unwrap();
+        }
+        let want: Vec<(SocketAddr, Vec<u8>)> = (0..3u8)
+            .map(|i| (sender.local_addr().unwrap(), vec![i; 100]))
+            .collect();
+        assert_eq!(got, want);
+        // Nothing more waiting: an empty receive, not an error.
+        assert_eq!(udp.try_recv(|_, _| {}).unwrap(), 0);
+    }
+
+    fn wait_readable(socket: &UdpSocket, limit: Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::try_from(limit).unwrap()).unwrap() > 0
     }
 
     /// A queue of equal-size datagrams to one peer, then others, arrives whole and in order
