@@ -9,6 +9,11 @@
 //! waiting is reported again by the next `epoll_wait`, at once, and an idle plane goes back
 //! to sleep without a read that fails with `EAGAIN`.
 //!
+//! The core's deadline is a timerfd in the same epoll set, armed only when the deadline
+//! comes earlier than the one armed (a later one is re-armed when the earlier fires), and
+//! `epoll_wait` has no timeout of its own: a wake-up by a packet starts and cancels no
+//! kernel timer (in a VM, each is a trap to the hypervisor).
+//!
 //! The rest of the gateway (broker follower, publisher) runs on tokio and talks to the
 //! plane through watch channels, with an eventfd ([`Wake`]) to wake it.
 
@@ -20,6 +25,8 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -36,6 +43,7 @@ const STATUS_EVERY: Duration = Duration::from_millis(500);
 const TUN: u64 = 0;
 const UDP: u64 = 1;
 const WAKE: u64 = 2;
+const TIMER: u64 = 3;
 
 /// Wakes the data plane so it looks at its channels (new peers, stop).
 pub struct Wake(EventFd);
@@ -70,6 +78,7 @@ pub struct Plane {
     tun: tun_rs::SyncDevice,
     udp: BatchedUdp,
     epoll: Epoll,
+    timer: TimerFd,
 }
 
 impl Plane {
@@ -98,15 +107,25 @@ impl Plane {
         ))
         .map_err(udp_err)?;
         let udp = BatchedUdp::new(socket).map_err(udp_err)?;
-        let epoll = (|| {
+        let (epoll, timer) = (|| {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            let timer = TimerFd::new(
+                ClockId::CLOCK_MONOTONIC,
+                TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+            )?;
             epoll.add(&tun, EpollEvent::new(EpollFlags::EPOLLIN, TUN))?;
             epoll.add(udp.socket(), EpollEvent::new(EpollFlags::EPOLLIN, UDP))?;
             epoll.add(&wake.0, EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
-            Ok::<_, Errno>(epoll)
+            epoll.add(&timer, EpollEvent::new(EpollFlags::EPOLLIN, TIMER))?;
+            Ok::<_, Errno>((epoll, timer))
         })()
         .map_err(|e| GatewayError::Runtime(e.into()))?;
-        Ok(Self { tun, udp, epoll })
+        Ok(Self {
+            tun,
+            udp,
+            epoll,
+            timer,
+        })
     }
 
     /// Runs until `stop` is set or the peers' sender goes away.
@@ -121,14 +140,32 @@ impl Plane {
         let mut gro = tun_rs::GROTable::default();
         let mut outgoing = std::collections::VecDeque::new();
         let mut spent: Vec<Vec<u8>> = Vec::new();
-        let mut events = [EpollEvent::empty(); 3];
+        let mut events = [EpollEvent::empty(); 4];
         let mut status_due = Instant::now();
+        // When the timerfd fires, if armed.
+        let mut armed: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let deadline = core
                 .poll_timeout()
                 .map_or(status_due, |d| d.min(status_due));
-            let n = match self.epoll.wait(&mut events, timeout_until(deadline, now)) {
+            let timeout = if deadline <= now {
+                EpollTimeout::ZERO
+            } else {
+                if armed.is_none_or(|at| deadline < at) {
+                    let after = TimeSpec::from_duration(deadline - now);
+                    match self
+                        .timer
+                        .set(Expiration::OneShot(after), TimerSetTimeFlags::empty())
+                    {
+                        Ok(()) => armed = Some(deadline),
+                        Err(e) => warn!(error = %e, "cannot arm the data plane's timer"),
+                    }
+                }
+                // Without an armed timer (it failed), the deadline bounds the wait instead.
+                armed.map_or_else(|| timeout_until(deadline, now), |_| EpollTimeout::NONE)
+            };
+            let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => {
@@ -141,6 +178,11 @@ impl Plane {
                 match event.data() {
                     TUN => tun_ready = true,
                     UDP => udp_ready = true,
+                    TIMER => {
+                        // Clears the expiry count; what is due is decided by the clock below.
+                        let _ = nix::unistd::read(&self.timer, &mut [0u8; 8]);
+                        armed = None;
+                    }
                     _ => ctl.wake.clear(),
                 }
             }
