@@ -157,6 +157,27 @@ fn existing_tunnels_survive_a_broker_outage() {
     }
 }
 
+/// A gateway whose TUN device is deleted under it stops with an error, for its supervisor
+/// to restart it, rather than spinning on a dead descriptor; the other tunnels carry on.
+#[test]
+fn a_gateway_whose_tun_device_is_deleted_exits_with_an_error() {
+    let lab = up(false);
+    lab.gateway_ns(0, 0)
+        .ip(&["link", "del", clusterlink_e2e::lab::TUN])
+        .unwrap();
+    let mut status = None;
+    wait_until("a-gw0 to exit", Duration::from_secs(10), || {
+        status = lab.gateway_exit(0, 0);
+        status.is_some()
+    })
+    .unwrap();
+    assert!(!status.unwrap().success(), "exit status {status:?}");
+    let log = std::fs::read_to_string(lab.state.dir.join("a-gw0.log")).unwrap();
+    assert!(log.contains("the data plane stops"), "{log}");
+    let c_ip = lab.state.clusters[2].gateways[0].tunnel_ip.to_string();
+    assert!(ping(&lab.gateway_ns(1, 0), &c_ip));
+}
+
 /// Our gateway in cluster a, wireguard-go (Debian's, configured with `wg`) standing in for
 /// cluster b's gateway: handshake, then traffic both ways.
 #[test]

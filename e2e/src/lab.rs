@@ -422,6 +422,12 @@ impl Lab {
         self.bed.kill(self.state.clusters[cluster].gateways[k].pid);
     }
 
+    /// How gateway `k` of a cluster has exited, or `None` while it runs.
+    pub fn gateway_exit(&self, cluster: usize, k: usize) -> Option<std::process::ExitStatus> {
+        self.bed
+            .exit_status(self.state.clusters[cluster].gateways[k].pid)
+    }
+
     /// Stops gateway `k` of a cluster with SIGTERM and waits for it to exit.
     pub fn terminate_gateway(&self, cluster: usize, k: usize) -> bool {
         self.bed

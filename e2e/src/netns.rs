@@ -290,6 +290,13 @@ impl Testbed {
         }
     }
 
+    /// How a process this testbed started has exited, or `None` while it runs.
+    pub fn exit_status(&self, pid: u32) -> Option<std::process::ExitStatus> {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        let c = children.iter_mut().find(|c| c.id() == pid)?;
+        c.try_wait().ok().flatten()
+    }
+
     /// Stops a process with SIGTERM, so that it may clean up, and waits up to 10 s for it
     /// to exit (then kills it). Returns whether it exited by itself.
     pub fn terminate(&self, pid: u32) -> bool {

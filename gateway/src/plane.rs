@@ -212,8 +212,18 @@ impl Plane {
                             core.handle_tun_packet(&tun_segs[i][..tun_sizes[i]], now);
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => debug!(error = %e, "TUN read failed"),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) => {}
+                    // The device is gone or broken: level-triggered, it would be reported
+                    // ready again at once, so stop rather than spin; the gateway exits and
+                    // its supervisor restarts it with a new device.
+                    Err(e) => {
+                        warn!(error = %e, tun = %self.tun.name().unwrap_or_default(), "TUN read failed; the data plane stops");
+                        return;
+                    }
                 }
             }
             if udp_ready

@@ -192,10 +192,13 @@ pub async fn run(
     ));
 
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = &mut shutdown => {}
-        _ = done_rx => warn!("the data plane stopped"),
-    }
+    let plane_failed = tokio::select! {
+        _ = &mut shutdown => false,
+        _ = done_rx => {
+            warn!("the data plane stopped");
+            true
+        }
+    };
     info!("gateway stopping");
     publisher.abort();
     // Hand over now rather than when the lease lapses: withdraw this endpoint first, while
@@ -218,6 +221,12 @@ pub async fn run(
     wake.poke();
     let _ = tokio::task::spawn_blocking(move || plane.join()).await;
     follower.abort();
+    if plane_failed {
+        // A non-zero exit, so that a supervisor restarts the gateway.
+        return Err(GatewayError::Runtime(std::io::Error::other(
+            "the data plane stopped on an error (logged above)",
+        )));
+    }
     Ok(())
 }
 
