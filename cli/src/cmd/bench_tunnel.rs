@@ -2,9 +2,10 @@
 //! two namespaces over one veth pair: bare, through clusterlink's gateway, through Debian's
 //! wireguard-go, and through boringtun-cli, in one run.
 //!
-//! Throughput is measured path by path. RTT is measured once every tunnel is up, in
-//! rounds: each round pings every path in turn, so a slow or fast phase of the machine
-//! falls on all paths alike rather than on whichever was measured then.
+//! Both are measured once every tunnel is up, in rounds: each round runs iperf3 (or pings)
+//! over every path in turn, so a slow or fast phase of the machine falls on all paths alike
+//! rather than on whichever was measured then. Throughput is the median of a path's rounds,
+//! and "× wireguard-go" the median of its ratios within each round.
 //!
 //! ```text
 //!   bench-l 10.99.0.1 ──veth── 10.99.0.2 bench-r
@@ -27,9 +28,12 @@ use crate::output::{Format, Tabular, print, render};
 
 #[derive(Args)]
 pub struct TunnelBenchArgs {
-    /// Seconds of iperf3 per path.
+    /// Seconds of iperf3 per path and round.
     #[arg(long, default_value_t = 10)]
     pub seconds: u32,
+    /// Throughput rounds; each runs iperf3 over every path in turn.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// RTT rounds; each pings every path 100 times, 10 ms apart.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rtt_rounds: u32,
@@ -162,6 +166,38 @@ fn parse_ping(text: &str) -> Option<PingStats> {
     })
 }
 
+/// One line of progress for a round: each path with its figure.
+fn rounds_progress(
+    what: &str,
+    round: u32,
+    of: u32,
+    paths: &[PathResult],
+    figures: &[f64],
+    decimals: usize,
+) {
+    let line: Vec<String> = paths
+        .iter()
+        .zip(figures)
+        .map(|(p, f)| format!("{} {f:.decimals$}", p.path))
+        .collect();
+    progress(&format!("{what} round {round}/{of}: {}", line.join(", ")));
+}
+
+/// The median (the mean of the middle two for an even count); `None` for no values.
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
 fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write;
     let mut child = Command::new(program)
@@ -236,12 +272,11 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     r.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])?;
     let mut results: Vec<PathResult> = Vec::new();
     let mut addrs: Vec<&str> = Vec::new();
-    let mut measure = |name: &str, addr: &'static str| -> Result<()> {
-        progress(&format!("{name}: iperf3 {}s", a.seconds));
-        let gbit = iperf(&l, &r, &bed, addr, a.seconds)?;
+    // Paths are measured once all are up (below); each is added as it comes up.
+    let mut add = |name: &str, addr: &'static str| {
         results.push(PathResult {
             path: name.into(),
-            gbit_per_s: gbit,
+            gbit_per_s: 0.0,
             rtt_avg_ms: 0.0,
             rtt_min_ms: 0.0,
             rtt_overhead_ms: 0.0,
@@ -249,9 +284,8 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
             rtt_rounds_below_boringtun: None,
         });
         addrs.push(addr);
-        Ok(())
     };
-    measure("veth (no tunnel)", "10.99.0.2")?;
+    add("veth (no tunnel)", "10.99.0.2");
 
     // clusterlink: a broker in bench-l, both sides joined, a gateway on each.
     let bin = std::env::current_exe()?.display().to_string();
@@ -341,7 +375,7 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     wait_until("the clusterlink tunnel", Duration::from_secs(30), || {
         l.exec("ping", &["-c1", "-W1", "10.2.255.1"]).is_ok()
     })?;
-    measure("clusterlink gateway", "10.2.255.1")?;
+    add("clusterlink gateway", "10.2.255.1");
 
     let wg_go = |ns: &Netns, iface: &str| -> Result<u32> {
         Ok(bed.spawn(ns, iface, "wireguard-go", &["-f", iface])?)
@@ -350,7 +384,7 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     wait_until("the wireguard-go tunnel", Duration::from_secs(20), || {
         l.exec("ping", &["-c1", "-W1", "10.98.0.2"]).is_ok()
     })?;
-    measure("wireguard-go", "10.98.0.2")?;
+    add("wireguard-go", "10.98.0.2");
 
     if a.boringtun.exists() {
         let bt = a.boringtun.display().to_string();
@@ -366,30 +400,49 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
         wait_until("the boringtun-cli tunnel", Duration::from_secs(20), || {
             l.exec("ping", &["-c1", "-W1", "10.97.0.2"]).is_ok()
         })?;
-        measure("boringtun-cli", "10.97.0.2")?;
+        add("boringtun-cli", "10.97.0.2");
     } else {
         progress(&format!(
             "{} not found: boringtun-cli skipped (cargo install boringtun-cli --root /opt/boringtun-cli)",
             a.boringtun.display()
         ));
     }
-    // RTT in rounds, every path in each (all tunnels stay up; the others idle meanwhile).
+    // Throughput in rounds, every path in each (all tunnels stay up; the others idle
+    // meanwhile).
+    let mut gbit_rounds: Vec<Vec<f64>> = Vec::new();
+    for round in 1..=a.rounds {
+        let mut this = Vec::new();
+        for (path, addr) in results.iter().zip(&addrs) {
+            progress(&format!(
+                "throughput round {round}/{}: {}: iperf3 {}s",
+                a.rounds, path.path, a.seconds
+            ));
+            this.push(iperf(&l, &r, &bed, addr, a.seconds)?);
+        }
+        rounds_progress("throughput", round, a.rounds, &results, &this, 2);
+        gbit_rounds.push(this);
+    }
+    let wg_go_at = results.iter().position(|p| p.path == "wireguard-go");
+    for (i, path) in results.iter_mut().enumerate() {
+        path.gbit_per_s = median(gbit_rounds.iter().map(|round| round[i])).unwrap_or(0.0);
+        path.vs_wireguard_go = wg_go_at.and_then(|w| {
+            median(
+                gbit_rounds
+                    .iter()
+                    .filter(|round| round[w] > 0.0)
+                    .map(|round| round[i] / round[w]),
+            )
+        });
+    }
+    // RTT in rounds, the same way.
     let mut rounds: Vec<Vec<PingStats>> = Vec::new();
     for round in 1..=a.rtt_rounds {
         let mut this = Vec::new();
         for addr in &addrs {
             this.push(pings(&l, addr, 100)?);
         }
-        let line: Vec<String> = results
-            .iter()
-            .zip(&this)
-            .map(|(r, p)| format!("{} {:.3}", r.path, p.avg_ms))
-            .collect();
-        progress(&format!(
-            "RTT round {round}/{}: {}",
-            a.rtt_rounds,
-            line.join(", ")
-        ));
+        let avgs: Vec<f64> = this.iter().map(|p| p.avg_ms).collect();
+        rounds_progress("RTT", round, a.rtt_rounds, &results, &avgs, 3);
         rounds.push(this);
     }
     let boringtun_at = results.iter().position(|r| r.path == "boringtun-cli");
@@ -411,13 +464,8 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
         let _ = std::fs::remove_file(Path::new("/var/run/wireguard").join(format!("{sock}.sock")));
     }
     let veth_rtt = results[0].rtt_avg_ms;
-    let wg_go_gbit = results
-        .iter()
-        .find(|r| r.path == "wireguard-go")
-        .map(|r| r.gbit_per_s);
-    for r in &mut results {
-        r.rtt_overhead_ms = r.rtt_avg_ms - veth_rtt;
-        r.vs_wireguard_go = wg_go_gbit.filter(|g| *g > 0.0).map(|g| r.gbit_per_s / g);
+    for path in &mut results {
+        path.rtt_overhead_ms = path.rtt_avg_ms - veth_rtt;
     }
     print(&render(&results, a.output)?);
     Ok(())
@@ -426,6 +474,14 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
+        assert_eq!(median([5.0, f64::NAN].into_iter()), Some(5.0));
+        assert_eq!(median(std::iter::empty()), None);
+    }
 
     #[test]
     fn ping_summary_is_read() {
