@@ -174,6 +174,7 @@ fn a_gateway_whose_tun_device_is_deleted_exits_with_an_error() {
     assert!(!status.unwrap().success(), "exit status {status:?}");
     let log = std::fs::read_to_string(lab.state.dir.join("a-gw0.log")).unwrap();
     assert!(log.contains("the data plane stops"), "{log}");
+    assert!(log.contains("its supervisor restarts it"), "{log}");
     let c_ip = lab.state.clusters[2].gateways[0].tunnel_ip.to_string();
     assert!(ping(&lab.gateway_ns(1, 0), &c_ip));
 }

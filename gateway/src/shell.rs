@@ -50,6 +50,10 @@ pub enum GatewayError {
     #[error("cannot start the data plane's thread: {0}")]
     Runtime(#[source] std::io::Error),
     #[error(
+        "the data plane stopped on an error (logged above); the gateway exits so that its supervisor restarts it"
+    )]
+    PlaneStopped,
+    #[error(
         "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
     )]
     NotACluster(String),
@@ -222,10 +226,7 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || plane.join()).await;
     follower.abort();
     if plane_failed {
-        // A non-zero exit, so that a supervisor restarts the gateway.
-        return Err(GatewayError::Runtime(std::io::Error::other(
-            "the data plane stopped on an error (logged above)",
-        )));
+        return Err(GatewayError::PlaneStopped);
     }
     Ok(())
 }
