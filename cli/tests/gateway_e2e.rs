@@ -28,7 +28,11 @@ fn ping(from: &Netns, to: &str) -> bool {
 }
 
 fn up(nat_c: bool) -> Lab {
-    let lab = Lab::up(Path::new(BIN), &specs(nat_c), &|_| {}).expect("lab up (needs root)");
+    up_with(&specs(nat_c))
+}
+
+fn up_with(specs: &[ClusterSpec]) -> Lab {
+    let lab = Lab::up(Path::new(BIN), specs, &|_| {}).expect("lab up (needs root)");
     if let Err(e) = lab.wait_connected(Duration::from_secs(30)) {
         let logs: String = std::fs::read_dir(&lab.state.dir)
             .unwrap()
@@ -177,6 +181,41 @@ fn a_gateway_whose_tun_device_is_deleted_exits_with_an_error() {
     assert!(log.contains("its supervisor restarts it"), "{log}");
     let c_ip = lab.state.clusters[2].gateways[0].tunnel_ip.to_string();
     assert!(ping(&lab.gateway_ns(1, 0), &c_ip));
+}
+
+/// An underlay whose MTU is smaller than the tunnel's datagrams (a cloud VPN or an overlay
+/// under the nodes): packets that fit the tunnel's MTU still cross, their datagrams
+/// fragmented by the kernel, as with kernel WireGuard. With Don't Fragment on the datagrams
+/// (quinn-udp's default) every full-size packet was lost while small ones passed.
+#[test]
+fn full_size_packets_cross_an_underlay_with_a_smaller_mtu() {
+    let lab = up_with(&ClusterSpec::many(&["a", "b"], 0, &[]));
+    // Every underlay link at 1300 bytes: both gateways' and all of the wan's.
+    let wan = &lab.topology.wan;
+    let links = wan.exec("ip", &["-o", "link", "show"]).unwrap();
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let name = line.split(':').nth(1).unwrap().trim();
+        let name = name.split('@').next().unwrap();
+        if name != "lo" {
+            wan.ip(&["link", "set", name, "mtu", "1300"]).unwrap();
+        }
+    }
+    for c in 0..2 {
+        lab.gateway_ns(c, 0)
+            .ip(&["link", "set", "eth0", "mtu", "1300"])
+            .unwrap();
+    }
+    let a = lab.gateway_ns(0, 0);
+    let b_ip = lab.state.clusters[1].gateways[0].tunnel_ip.to_string();
+    // Small packets cross either way.
+    assert!(ping(&a, &b_ip));
+    // 1400-byte packets with DF set: they fit the tunnel (MTU 1420); their WireGuard
+    // datagrams (1460 bytes with IP and UDP headers) do not fit the underlay.
+    let big = a.exec("ping", &["-c3", "-W2", "-M", "do", "-s", "1372", &b_ip]);
+    assert!(
+        big.is_ok(),
+        "full-size packets did not cross a 1300-byte underlay: {big:?}"
+    );
 }
 
 /// Our gateway in cluster a, wireguard-go (Debian's, configured with `wg`) standing in for

@@ -1,7 +1,8 @@
 //! The gateway's UDP socket, batched: `recvmmsg` with GRO on receive (one system call can
 //! bring many datagrams, coalesced by the kernel), GSO on send (consecutive equal-size
 //! datagrams to one peer leave in one system call, from their own buffers). Falls back to
-//! one datagram per call where the kernel lacks either.
+//! one datagram per call where the kernel lacks either, and where the datagrams are bigger
+//! than the route's MTU: they leave without Don't Fragment, for the kernel to fragment.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -11,6 +12,8 @@ use std::net::UdpSocket;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use quinn_udp::{RecvMeta, UdpSocketState};
 
 use crate::core::Transmit;
@@ -40,6 +43,9 @@ pub struct BatchedUdp {
     batch: Vec<Vec<u8>>,
     /// Set once the kernel refused a GSO send.
     gso_off: bool,
+    /// Set once datagrams had to be sent one by one because they exceed the route's MTU
+    /// (warned about once).
+    mtu_warned: bool,
 }
 
 impl BatchedUdp {
@@ -48,6 +54,7 @@ impl BatchedUdp {
         size_buffers(&socket, SOCKET_BUFFER);
         let state = UdpSocketState::new((&socket).into())?;
         quiet_ancillary(&socket);
+        allow_fragments(&socket)?;
         let buf_len = (state.gro_segments() * 1600).max(65_536);
         Ok(Self {
             socket,
@@ -56,6 +63,7 @@ impl BatchedUdp {
             metas: vec![RecvMeta::default(); RECV_BATCH],
             batch: Vec::with_capacity(MAX_SEGMENTS),
             gso_off: false,
+            mtu_warned: false,
         })
     }
 
@@ -124,40 +132,71 @@ impl BatchedUdp {
         }
     }
 
-    /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call.
+    /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call, or
+    /// one by one where the kernel cannot take them together.
     fn send_batch(&mut self, dst: SocketAddr, size: usize) {
-        loop {
-            match send_gso(&self.socket, dst, size, &self.batch) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_writable(&self.socket, SEND_WAIT) {
-                        tracing::warn!(dst = %dst, datagrams = self.batch.len(), "UDP socket full for {SEND_WAIT:?}; datagrams dropped");
-                        return;
-                    }
-                }
-                // EIO: the route's device cannot segment. Send these one by one, and every
-                // later datagram too.
-                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EIO as i32) => {
-                    if self.batch.len() == 1 {
-                        tracing::debug!(error = %e, dst = %dst, "UDP send failed");
-                        return;
-                    }
-                    tracing::warn!(dst = %dst, "the kernel refused a UDP GSO send; sending datagrams one by one");
-                    self.gso_off = true;
-                    for d in &self.batch {
-                        if let Err(e) =
-                            send_gso(&self.socket, dst, d.len(), std::slice::from_ref(d))
-                        {
-                            tracing::debug!(error = %e, dst = %dst, "UDP send failed");
-                        }
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, dst = %dst, "UDP send failed");
-                    return;
+        let err = match send_waiting(&self.socket, dst, size, &self.batch) {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if self.batch.len() == 1 {
+            tracing::debug!(error = %err, dst = %dst, "UDP send failed");
+            return;
+        }
+        match Errno::from_raw(err.raw_os_error().unwrap_or(0)) {
+            // The datagrams are bigger than the route's MTU: a GSO send cannot be fragmented,
+            // one datagram at a time can. Only this batch: smaller datagrams, or this size
+            // once the route changes, still go together.
+            Errno::EMSGSIZE => {
+                if !self.mtu_warned {
+                    self.mtu_warned = true;
+                    tracing::warn!(
+                        dst = %dst,
+                        datagram = size,
+                        "WireGuard datagrams exceed the underlay's MTU towards this peer; they leave \
+                         fragmented, one per system call. Set the tunnel MTU (gateway --mtu, \
+                         route-agent --tunnel-mtu) to the underlay's MTU less 60 bytes (80 on \
+                         an IPv6 underlay)"
+                    );
                 }
             }
+            // EIO: the kernel cannot segment on this route (an IPsec policy on it; before
+            // Linux 6.11 also a device without checksum offload). Every later send goes one
+            // by one too.
+            Errno::EIO => {
+                tracing::warn!(dst = %dst, "the kernel refused a UDP GSO send; sending datagrams one by one");
+                self.gso_off = true;
+            }
+            _ => {
+                tracing::debug!(error = %err, dst = %dst, "UDP send failed");
+                return;
+            }
+        }
+        for d in &self.batch {
+            if let Err(e) = send_waiting(&self.socket, dst, d.len(), std::slice::from_ref(d)) {
+                tracing::debug!(error = %e, dst = %dst, "UDP send failed");
+            }
+        }
+    }
+}
+
+/// [`send_gso`], waiting for room in a full socket up to [`SEND_WAIT`]; past that the
+/// datagrams are dropped (as a full link would drop them), with a warning.
+fn send_waiting(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    size: usize,
+    datagrams: &[Vec<u8>],
+) -> io::Result<()> {
+    loop {
+        match send_gso(socket, dst, size, datagrams) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait_writable(socket, SEND_WAIT) {
+                    tracing::warn!(dst = %dst, datagrams = datagrams.len(), "UDP socket full for {SEND_WAIT:?}; datagrams dropped");
+                    return Ok(());
+                }
+            }
+            other => return other,
         }
     }
 }
@@ -249,6 +288,36 @@ fn quiet_ancillary(socket: &UdpSocket) {
     if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
         tracing::debug!(error = %e, "cannot turn off a UDP control message");
     }
+}
+
+sockopt_impl!(
+    /// IP_MTU_DISCOVER: whether datagrams leave with Don't Fragment set.
+    IpMtuDiscover,
+    Both,
+    libc::IPPROTO_IP,
+    libc::IP_MTU_DISCOVER,
+    libc::c_int
+);
+sockopt_impl!(
+    /// IPV6_MTU_DISCOVER: whether datagrams may be fragmented by this host.
+    Ipv6MtuDiscover,
+    Both,
+    libc::IPPROTO_IPV6,
+    libc::IPV6_MTU_DISCOVER,
+    libc::c_int
+);
+
+/// Lets the kernel fragment datagrams bigger than the route's MTU, and routers fragment them
+/// on the way, as kernel WireGuard does (quinn-udp sets Don't Fragment for QUIC's path MTU
+/// discovery, under which such datagrams could not be sent at all). WireGuard's overhead must
+/// not make a path with a small MTU lose every full-size packet.
+fn allow_fragments(socket: &UdpSocket) -> io::Result<()> {
+    use nix::sys::socket::setsockopt;
+    match socket.local_addr()? {
+        SocketAddr::V4(_) => setsockopt(socket, IpMtuDiscover, &libc::IP_PMTUDISC_DONT)?,
+        SocketAddr::V6(_) => setsockopt(socket, Ipv6MtuDiscover, &libc::IPV6_PMTUDISC_DONT)?,
+    }
+    Ok(())
 }
 
 /// Receive and send buffer sizes, as the kernel reports them.
