@@ -6,6 +6,7 @@
 //! - [`election`]: which of a cluster's gateway nodes is active.
 //! - [`plane`]: the data plane, an epoll loop over the TUN device and the UDP socket.
 //! - [`udp`]: the UDP socket, batched (recvmmsg/GRO, GSO).
+//! - [`status`]: which tunnel status records go to the broker, and when.
 //! - [`shell`]: `run(config, shutdown)`: the data plane's thread, the broker follower and
 //!   the publisher.
 
@@ -13,6 +14,7 @@ pub mod core;
 pub mod election;
 pub mod plane;
 pub mod shell;
+pub mod status;
 pub mod udp;
 pub mod view;
 pub mod wg;

@@ -6,12 +6,11 @@
 //! (this gateway's endpoint under a lease, and its tunnels' status). The data plane never
 //! waits on the broker: through a broker outage it keeps the last peers it had.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use clusterlink_api::{
@@ -26,6 +25,7 @@ use tracing::{info, warn};
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
 use crate::election::decide_role;
 use crate::plane::{Control, Plane, Wake};
+use crate::status::{STATUS_REFRESH, StatusSchedule};
 use crate::view::peer_specs;
 use crate::wg::StaticSecret;
 
@@ -290,9 +290,9 @@ async fn publish(
             let mut keepalive = tokio::time::interval((granted / 4).max(Duration::from_millis(50)));
             keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             view.mark_changed();
-            // Status records this connection published, so the ones for peers gone are
-            // withdrawn.
-            let mut published: BTreeSet<(ClusterId, NodeName)> = BTreeSet::new();
+            // Status records are published under this connection's lease: a new connection
+            // publishes them all again.
+            let mut schedule = StatusSchedule::new(STATUS_REFRESH);
             loop {
                 tokio::select! {
                     _ = keepalive.tick() => {
@@ -318,10 +318,9 @@ async fn publish(
                     changed = status.changed() => {
                         if changed.is_err() { return Ok(()); }
                         let snapshot = status.borrow_and_update().clone();
+                        let plan = schedule.plan(&snapshot, Instant::now());
                         let now = SystemTime::now();
-                        let snapshot_keys: Vec<(ClusterId, NodeName)> =
-                            snapshot.iter().map(|s| (s.cluster.clone(), s.node.clone())).collect();
-                        for s in snapshot {
+                        for s in plan.publish {
                             let record = Record::Connection(ConnectionStatus {
                                 from_cluster: endpoint.cluster.clone(),
                                 from_node: endpoint.node.clone(),
@@ -337,9 +336,7 @@ async fn publish(
                         }
                         // A peer that left (its endpoint lapsed, its cluster was revoked) must
                         // not stay "connected" in the broker: withdraw its status.
-                        let current: BTreeSet<(ClusterId, NodeName)> =
-                            snapshot_keys.into_iter().collect();
-                        for (to_cluster, to_node) in published.difference(&current) {
+                        for (to_cluster, to_node) in plan.withdraw {
                             client
                                 .withdraw(proto::WithdrawRequest {
                                     kind: proto::Kind::Connections as i32,
@@ -348,7 +345,6 @@ async fn publish(
                                 .await
                                 .map_err(|s| s.message().to_owned())?;
                         }
-                        published = current;
                     }
                 }
             }
