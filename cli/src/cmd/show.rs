@@ -17,7 +17,8 @@ pub enum ShowCommand {
     Clusters(ShowArgs),
     /// Every cluster's gateway nodes and where they are reached.
     Gateways(ShowArgs),
-    /// The tunnels between clusters: state, RTT, last handshake, bytes each way.
+    /// The tunnels between clusters: state, RTT, last handshake, bytes each way. A state
+    /// change shows at once; RTT and bytes are refreshed every 5 s.
     Connections(ShowArgs),
     /// Exported services: which clusters export each, and which of those are healthy.
     Services(ShowArgs),
