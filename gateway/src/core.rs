@@ -66,6 +66,12 @@ pub struct Counters {
     pub not_allowed: u64,
     pub unknown_peer: u64,
     pub wireguard_errors: u64,
+    /// Handshake initiations answered with a cookie reply instead of a key exchange (more
+    /// than [`wg::HANDSHAKE_RATE_LIMIT`] a second arrived).
+    pub handshakes_under_load: u64,
+    /// Handshake initiations dropped before any key exchange (wrong MAC1: not meant for
+    /// this gateway's key, or forged).
+    pub handshakes_rejected: u64,
 }
 
 struct Peer {
@@ -101,6 +107,8 @@ pub struct GatewayCore {
     /// Bytes left free in front of each packet for the TUN device (its virtio header).
     tun_headroom: usize,
     pub counters: Counters,
+    /// MAC1 and cookie checks before any handshake's key exchange.
+    gate: wg::HandshakeGate,
 }
 
 fn dst_addr(packet: &[u8]) -> Option<IpAddr> {
@@ -155,6 +163,7 @@ impl GatewayCore {
             probe_seq: 0,
             tun_headroom: 0,
             counters: Counters::default(),
+            gate: wg::HandshakeGate::new(&public, wg::HANDSHAKE_RATE_LIMIT),
         }
     }
 
@@ -329,6 +338,24 @@ impl GatewayCore {
 
     /// A datagram received on the UDP socket.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        if wg::is_handshake_init(datagram) {
+            let mut reply = [0u8; wg::COOKIE_REPLY_LEN];
+            match self.gate.check(from.ip(), datagram, &mut reply) {
+                wg::Gate::Pass => {}
+                wg::Gate::Cookie(cookie) => {
+                    self.counters.handshakes_under_load += 1;
+                    let mut payload = self.pool.take(cookie.len());
+                    payload.copy_from_slice(cookie);
+                    self.transmits.push_back(Transmit { dst: from, payload });
+                    return;
+                }
+                wg::Gate::Reject(e) => {
+                    self.counters.handshakes_rejected += 1;
+                    trace!(%from, error = %e, "handshake initiation rejected");
+                    return;
+                }
+            }
+        }
         let index = match wg::receiver_index(datagram) {
             Some(idx) => Some(idx),
             None => wg::initiator_key(&self.secret, &self.public, datagram)
@@ -429,6 +456,7 @@ impl GatewayCore {
             return;
         }
         self.next_tick = Some(now + TICK);
+        self.gate.tick();
         let indices: Vec<u32> = self.by_name.values().copied().collect();
         for index in indices {
             let mut buf = std::mem::take(&mut self.buf);

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 pub use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -133,6 +134,56 @@ pub fn initiator_key(
             .ok()
             .map(|h| h.peer_static_public),
         _ => None,
+    }
+}
+
+/// Handshake initiations a second that are taken at full cost (a Diffie-Hellman each, to
+/// learn who sent it) before senders must prove their address with a cookie: WireGuard's
+/// defence against handshake floods. boringtun's own device uses the same figure. Responses
+/// are not counted here: only one to an initiation of ours finds a session, and each
+/// session limits its own (boringtun, 10 a second), so a gateway that starts with hundreds
+/// of peers is not throttled by their answers.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Size of a cookie reply (message type 3).
+pub const COOKIE_REPLY_LEN: usize = 64;
+
+/// What [`HandshakeGate::check`] decided.
+#[derive(Debug)]
+pub enum Gate<'a> {
+    /// Go on: MAC1 is right and the gateway is not under load, or MAC2 carries a valid
+    /// cookie.
+    Pass,
+    /// Under load, without a valid cookie: send this cookie reply back instead.
+    Cookie(&'a [u8]),
+    /// Not a well-formed handshake message for this gateway (wrong MAC1): drop it.
+    Reject(String),
+}
+
+/// Checks handshake initiations before any key exchange is attempted: MAC1 (keyed with this
+/// gateway's public key; a keyed hash, cheap), and, while more than the limit arrived in the
+/// last second, MAC2 (a cookie bound to the sender's address), answering with a cookie
+/// reply when it is missing. So a flood of initiations costs hashes, not Diffie-Hellman.
+pub struct HandshakeGate(RateLimiter);
+
+impl HandshakeGate {
+    pub fn new(public: &PublicKey, limit: u64) -> Self {
+        Self(RateLimiter::new(public, limit))
+    }
+
+    pub fn check<'a>(&self, src: IpAddr, datagram: &[u8], buf: &'a mut [u8]) -> Gate<'a> {
+        match self.0.verify_packet(Some(src), datagram, buf) {
+            Ok(_) => Gate::Pass,
+            Err(TunnResult::WriteToNetwork(reply)) => Gate::Cookie(reply),
+            Err(TunnResult::Err(e)) => Gate::Reject(format!("{e:?}")),
+            Err(_) => Gate::Reject("unexpected rate limiter result".into()),
+        }
+    }
+
+    /// Starts a new one-second window once a second has passed (boringtun reads its own
+    /// clock here); call it from the core's timer tick.
+    pub fn tick(&self) {
+        self.0.reset_count();
     }
 }
 

@@ -342,3 +342,63 @@ fn packets_for_the_tun_device_come_with_the_requested_headroom() {
         ConnectionState::Connected
     );
 }
+
+/// A handshake initiation to `to` from a key `to` does not know (an attacker can make these:
+/// gateways' public keys are published).
+fn stranger_initiation(seed: u64, to: [u8; 32]) -> Vec<u8> {
+    let mut session = wg::Session::new(&secret(seed), &to, None, 1);
+    let mut buf = vec![0u8; 2048];
+    match session.encapsulate(&packet("10.9.0.1", "10.1.0.1", b"x"), &mut buf) {
+        wg::Output::Network(b) => b.to_vec(),
+        other => panic!("expected a handshake initiation, got {other:?}"),
+    }
+}
+
+/// More than the limit of initiations in a second: the first ones cost a key exchange (and
+/// are found to come from no known peer), the rest are answered with cookie replies, which
+/// cost a hash. The data plane is not starved by Diffie-Hellman.
+#[test]
+fn a_handshake_flood_is_answered_with_cookies_past_the_limit() {
+    let mut core = GatewayCore::new(secret(1));
+    let now = Instant::now();
+    let limit = wg::HANDSHAKE_RATE_LIMIT as usize;
+    let flood = limit * 3;
+    for i in 0..flood {
+        let init = stranger_initiation(1_000 + i as u64, core.public_key());
+        let from = addr(&format!("203.0.113.9:{}", 10_000 + i));
+        core.handle_datagram(from, &init, now);
+    }
+    assert_eq!(
+        core.counters.unknown_peer, limit as u64,
+        "key exchanges made"
+    );
+    assert_eq!(core.counters.handshakes_under_load, (flood - limit) as u64);
+    let mut replies = Vec::new();
+    while let Some(t) = core.poll_transmit() {
+        replies.push(t);
+    }
+    assert_eq!(replies.len(), flood - limit, "one cookie reply each");
+    for (i, t) in replies.iter().enumerate() {
+        assert_eq!(t.payload.len(), wg::COOKIE_REPLY_LEN);
+        assert_eq!(t.payload[0], 3, "message type: cookie reply");
+        assert_eq!(t.dst, addr(&format!("203.0.113.9:{}", 10_000 + limit + i)));
+    }
+}
+
+/// An initiation whose MAC1 is not keyed with this gateway's public key (meant for another
+/// key, or forged) is dropped before any key exchange, without a reply.
+#[test]
+fn handshakes_not_for_this_gateway_are_dropped_before_the_key_exchange() {
+    let mut core = GatewayCore::new(secret(1));
+    let other = GatewayCore::new(secret(2)).public_key();
+    let now = Instant::now();
+    let init = stranger_initiation(3, other);
+    core.handle_datagram(addr("203.0.113.9:1"), &init, now);
+    let mut forged = stranger_initiation(4, core.public_key());
+    let n = forged.len();
+    forged[n - 20] ^= 1; // inside MAC1
+    core.handle_datagram(addr("203.0.113.9:2"), &forged, now);
+    assert_eq!(core.counters.handshakes_rejected, 2);
+    assert_eq!(core.counters.unknown_peer, 0, "no key exchange attempted");
+    assert!(core.poll_transmit().is_none());
+}
