@@ -349,9 +349,9 @@ impl GatewayCore {
                     self.transmits.push_back(Transmit { dst: from, payload });
                     return;
                 }
-                wg::Gate::Reject(e) => {
+                wg::Gate::Reject => {
                     self.counters.handshakes_rejected += 1;
-                    trace!(%from, error = %e, "handshake initiation rejected");
+                    trace!(%from, "handshake initiation rejected (wrong MAC1)");
                     return;
                 }
             }
