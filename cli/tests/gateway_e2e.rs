@@ -218,6 +218,98 @@ fn full_size_packets_cross_an_underlay_with_a_smaller_mtu() {
     );
 }
 
+/// A flood of handshake initiations at a's gateway (valid MAC1: gateways' public keys are
+/// published) from the wan: past the limit the flooder gets cookie replies instead of key
+/// exchanges; meanwhile a's tunnels keep carrying traffic, and b, restarted with a new key,
+/// is reached again.
+#[test]
+fn a_handshake_flood_gets_cookies_and_tunnels_carry_on() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use clusterlink_gateway::wg::{Output, PublicKey, Session, StaticSecret};
+
+    let mut lab = up(false);
+    let a = &lab.state.clusters[0].gateways[0];
+    let a_public = {
+        let text = std::fs::read_to_string(&a.key_file).unwrap();
+        PublicKey::from(&StaticSecret::from(base64_decode(text.trim())))
+    };
+    let target = std::net::SocketAddr::from((a.underlay, 51820));
+    // Initiations from 200 keys a does not know, sent round and round.
+    let inits: Vec<Vec<u8>> = (0..200u8)
+        .map(|i| {
+            let mut session =
+                Session::new(&StaticSecret::from([i; 32]), a_public.as_bytes(), None, 1);
+            let mut buf = vec![0u8; 2048];
+            match session.encapsulate(&[0x45; 21], &mut buf) {
+                Output::Network(b) => b.to_vec(),
+                other => panic!("expected a handshake initiation, got {other:?}"),
+            }
+        })
+        .collect();
+    let socket = lab
+        .topology
+        .wan
+        .run_in(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+        .unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The flood stops however the test ends (a failed assertion included).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let cookies = Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (stop, cookies) = (stop.clone(), cookies.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // About 2,000 a second: twenty times the gate's limit.
+                for init in &inits[(sent % 200) as usize..][..20] {
+                    let _ = socket.send_to(init, target);
+                    sent += 1;
+                }
+                while let Ok((n, _)) = socket.recv_from(&mut buf) {
+                    if n == 64 && buf[0] == 3 {
+                        cookies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Pacing the flood, not waiting for anything.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let a_ns = lab.gateway_ns(0, 0);
+    let b_ip = lab.state.clusters[1].gateways[0].tunnel_ip.to_string();
+    let c_ip = lab.state.clusters[2].gateways[0].tunnel_ip.to_string();
+    wait_until(
+        "cookie replies to the flood",
+        Duration::from_secs(10),
+        || cookies.load(Ordering::Relaxed) > 0,
+    )
+    .unwrap();
+    assert!(ping(&a_ns, &c_ip), "a's tunnel to c during the flood");
+    lab.restart_gateway(1, 0, true).unwrap();
+    wait_until(
+        "a reaches b, restarted with a new key, during the flood",
+        Duration::from_secs(30),
+        || ping(&a_ns, &b_ip),
+    )
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().unwrap();
+    assert!(
+        cookies.load(Ordering::Relaxed) > 100,
+        "cookie replies: {cookies:?}"
+    );
+}
+
 /// Our gateway in cluster a, wireguard-go (Debian's, configured with `wg`) standing in for
 /// cluster b's gateway: handshake, then traffic both ways.
 #[test]
