@@ -109,6 +109,8 @@ pub struct GatewayCore {
     pub counters: Counters,
     /// MAC1 and cookie checks before any handshake's key exchange.
     gate: wg::HandshakeGate,
+    /// Changes whenever the set of learned peer endpoints may have.
+    endpoints_generation: u64,
 }
 
 fn dst_addr(packet: &[u8]) -> Option<IpAddr> {
@@ -164,6 +166,7 @@ impl GatewayCore {
             tun_headroom: 0,
             counters: Counters::default(),
             gate: wg::HandshakeGate::new(&public, wg::HANDSHAKE_RATE_LIMIT),
+            endpoints_generation: 0,
         }
     }
 
@@ -199,6 +202,7 @@ impl GatewayCore {
             {
                 info!(cluster = %key.0, node = %key.1, "peer removed");
                 self.by_key.remove(&p.spec.public_key);
+                self.endpoints_generation += 1;
             }
         }
         let mut added = Vec::new();
@@ -215,6 +219,7 @@ impl GatewayCore {
                     if let Some(old) = existing.and_then(|i| self.peers.remove(&i)) {
                         info!(cluster = %key.0, node = %key.1, "peer key changed; new session");
                         self.by_key.remove(&old.spec.public_key);
+                        self.endpoints_generation += 1;
                     } else {
                         info!(cluster = %key.0, node = %key.1, "peer added");
                     }
@@ -267,6 +272,18 @@ impl GatewayCore {
         self.buf = buf;
         // Start handshakes now rather than at the next tick.
         self.next_tick = Some(now);
+    }
+
+    /// Where each peer was last authenticated from: the addresses worth a socket of their
+    /// own. Candidate addresses still being tried, and senders that are not peers, are not.
+    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.peers.values().filter_map(|p| p.endpoint)
+    }
+
+    /// Changes whenever [`endpoints`](Self::endpoints) may have: compare it to the last
+    /// one seen instead of reading them all on every wake-up.
+    pub fn endpoints_generation(&self) -> u64 {
+        self.endpoints_generation
     }
 
     fn route(&self, dst: IpAddr) -> Option<u32> {
@@ -401,6 +418,7 @@ impl GatewayCore {
             // Authenticated from here: this is where the peer is now (roaming, NAT).
             info!(cluster = %p.key.0, node = %p.key.1, %from, "peer endpoint learned");
             p.endpoint = Some(from);
+            self.endpoints_generation += 1;
         }
         for r in replies {
             self.transmits.push_back(Transmit {

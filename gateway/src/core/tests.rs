@@ -402,3 +402,76 @@ fn handshakes_not_for_this_gateway_are_dropped_before_the_key_exchange() {
     assert_eq!(core.counters.unknown_peer, 0, "no key exchange attempted");
     assert!(core.poll_transmit().is_none());
 }
+
+fn endpoints(core: &GatewayCore) -> Vec<SocketAddr> {
+    let mut e: Vec<SocketAddr> = core.endpoints().collect();
+    e.sort();
+    e
+}
+
+/// Only addresses a peer was authenticated from are offered for a socket of their own: not
+/// the candidates tried before it answered, and not a stranger. The generation tells when to
+/// look again: when one is learned, moves, or its peer goes.
+#[test]
+fn learned_endpoints_and_when_they_change() {
+    let mut net = Net::new();
+    let ka = net.add("a", 1, addr("192.0.2.1:51820"), None);
+    let kn = net.add(
+        "n",
+        2,
+        addr("10.0.0.2:51820"),
+        Some(addr("198.51.100.1:51820")),
+    );
+    let now = net.now;
+    let gen0 = net.core("a").endpoints_generation();
+    net.core("a").set_peers(
+        vec![spec(
+            "n",
+            kn,
+            &["10.0.0.2:51820", "198.51.100.1:51820"],
+            "10.2.0.0/16",
+        )],
+        now,
+    );
+    net.core("n").set_peers(
+        vec![spec("a", ka, &["192.0.2.1:51820"], "10.1.0.0/16")],
+        now,
+    );
+    // Two candidates tried, none answered yet: nothing learned, nothing changed.
+    assert!(endpoints(net.core("a")).is_empty());
+    assert_eq!(net.core("a").endpoints_generation(), gen0);
+
+    net.run(5, PROBE_INTERVAL);
+    assert_eq!(endpoints(net.core("a")), vec![addr("198.51.100.1:51820")]);
+    assert_eq!(endpoints(net.core("n")), vec![addr("192.0.2.1:51820")]);
+    let gen1 = net.core("a").endpoints_generation();
+    assert_ne!(gen1, gen0);
+
+    // Traffic from where it already is changes nothing.
+    net.run(3, PROBE_INTERVAL);
+    assert_eq!(net.core("a").endpoints_generation(), gen1);
+
+    // A stranger's datagram teaches nothing.
+    let now = net.now;
+    let stranger = stranger_initiation(9, ka);
+    net.core("a")
+        .handle_datagram(addr("203.0.113.9:4000"), &stranger, now);
+    assert_eq!(endpoints(net.core("a")), vec![addr("198.51.100.1:51820")]);
+    assert_eq!(net.core("a").endpoints_generation(), gen1);
+
+    // The NAT gives n a new public port: a learns it from n's next authenticated datagram.
+    net.nodes.get_mut("n").unwrap().nat_public = Some(addr("198.51.100.1:40000"));
+    let now = net.now;
+    net.core("n")
+        .handle_tun_packet(&packet("10.2.0.7", "10.1.0.5", b"moved"), now);
+    net.run(1, Duration::from_millis(10));
+    assert_eq!(endpoints(net.core("a")), vec![addr("198.51.100.1:40000")]);
+    let gen2 = net.core("a").endpoints_generation();
+    assert_ne!(gen2, gen1);
+
+    // n leaves: its endpoint goes with it.
+    let now = net.now;
+    net.core("a").set_peers(Vec::new(), now);
+    assert!(endpoints(net.core("a")).is_empty());
+    assert_ne!(net.core("a").endpoints_generation(), gen2);
+}
