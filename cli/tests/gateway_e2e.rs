@@ -114,6 +114,24 @@ fn three_clusters_form_a_full_mesh_through_wireguard() {
         counter(&lab, "wg_pkts") >= 12,
         "the pings crossed as WireGuard UDP"
     );
+    // Each gateway sends to each peer from a socket of its own, connected to where that
+    // peer is (routed once, not per datagram).
+    for c in 0..3 {
+        let out = lab
+            .gateway_ns(c, 0)
+            .exec(
+                "ss",
+                &["-Huan", "state", "established", "sport", "=", ":51820"],
+            )
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            text.lines().count(),
+            2,
+            "{}: one connected socket per peer:\n{text}",
+            lab.state.clusters[c].name
+        );
+    }
     // show connections lists every tunnel with an RTT.
     let conns = lab.connections().unwrap();
     assert_eq!(conns.len(), 6);

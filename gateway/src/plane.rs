@@ -18,7 +18,7 @@
 //! plane through watch channels, with an eventfd ([`Wake`]) to wake it.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
 use crate::shell::{GatewayConfig, GatewayError};
-use crate::udp::BatchedUdp;
+use crate::udp::{BatchedUdp, Source};
 use crate::wg::MAX_DATAGRAM;
 
 /// Room in front of each packet written to the TUN device (its virtio-net header).
@@ -44,6 +44,8 @@ const TUN: u64 = 0;
 const UDP: u64 = 1;
 const WAKE: u64 = 2;
 const TIMER: u64 = 3;
+/// Peer sockets are registered under this plus their token.
+const PEER: u64 = 16;
 
 /// Wakes the data plane so it looks at its channels (new peers, stop).
 pub struct Wake(EventFd);
@@ -101,12 +103,11 @@ impl Plane {
             port: config.listen_port,
             source,
         };
-        let socket = UdpSocket::bind(SocketAddr::new(
+        let udp = BatchedUdp::bind(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             config.listen_port,
         ))
         .map_err(udp_err)?;
-        let udp = BatchedUdp::new(socket).map_err(udp_err)?;
         let (epoll, timer) = (|| {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
             let timer = TimerFd::new(
@@ -140,7 +141,9 @@ impl Plane {
         let mut gro = tun_rs::GROTable::default();
         let mut outgoing = std::collections::VecDeque::new();
         let mut spent: Vec<Vec<u8>> = Vec::new();
-        let mut events = [EpollEvent::empty(); 4];
+        let mut events = [EpollEvent::empty(); 64];
+        let mut peer_ready: Vec<u64> = Vec::new();
+        let mut endpoints_seen = None;
         let mut status_due = Instant::now();
         // When the timerfd fires, if armed.
         let mut armed: Option<Instant> = None;
@@ -183,7 +186,10 @@ impl Plane {
                         let _ = nix::unistd::read(&self.timer, &mut [0u8; 8]);
                         armed = None;
                     }
-                    _ => ctl.wake.clear(),
+                    WAKE => ctl.wake.clear(),
+                    // Readable, or an ICMP error to report (EPOLLERR): read either way, or
+                    // a level-triggered error would wake the loop forever.
+                    token => peer_ready.push(token - PEER),
                 }
             }
             // The channels are read on every wake-up (two atomic loads); the eventfd only
@@ -233,8 +239,30 @@ impl Plane {
             {
                 debug!(error = %e, "UDP receive failed");
             }
+            for token in peer_ready.drain(..) {
+                if let Err(e) = self.udp.try_recv_on(Source::Peer(token), |from, d| {
+                    core.handle_datagram(from, d, now)
+                }) {
+                    debug!(error = %e, "UDP receive failed");
+                }
+            }
             if core.poll_timeout().is_some_and(|d| d <= now) {
                 core.handle_timeout(now);
+            }
+            // Each peer whose endpoint is known gets a connected socket, before anything is
+            // sent to it.
+            if endpoints_seen != Some(core.endpoints_generation()) {
+                endpoints_seen = Some(core.endpoints_generation());
+                for token in self.udp.connect_peers(core.endpoints()) {
+                    if let Some(socket) = self.udp.peer_socket(token)
+                        && let Err(e) = self
+                            .epoll
+                            .add(socket, EpollEvent::new(EpollFlags::EPOLLIN, PEER + token))
+                    {
+                        warn!(error = %e, "cannot wait on a peer socket; its peer uses the shared one");
+                        self.udp.forget_peer(token);
+                    }
+                }
             }
             core.drain_transmits(&mut outgoing);
             self.udp.send_all(&mut outgoing, &mut spent);

@@ -3,8 +3,15 @@
 //! datagrams to one peer leave in one system call, from their own buffers). Falls back to
 //! one datagram per call where the kernel lacks either, and where the datagrams are bigger
 //! than the route's MTU: they leave without Don't Fragment, for the kernel to fragment.
+//!
+//! Each peer whose endpoint is known also gets a socket of its own on the gateway's port,
+//! connected to that endpoint (as boringtun does; kernel WireGuard caches a route per peer
+//! for the same reason). The kernel then routes that peer's datagrams once, not per send,
+//! and finds the socket of a datagram from it without a route lookup (early demux): two
+//! lookups through the node's routing rules saved per datagram. Datagrams from anywhere
+//! else (handshakes from new addresses, cookie replies) use the shared socket.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 
@@ -33,10 +40,32 @@ pub const SOCKET_BUFFER: usize = 7 << 20;
 /// full link would drop them): the data plane never hangs on one peer.
 const SEND_WAIT: Duration = Duration::from_secs(1);
 
-/// A non-blocking UDP socket; the data plane's epoll loop waits for it to be readable.
+/// Which socket: the shared one, or a peer's (by the token it was registered under).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Shared,
+    Peer(u64),
+}
+
+/// A socket on the gateway's port connected to one peer's endpoint.
+struct PeerSocket {
+    token: u64,
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+/// A non-blocking UDP socket, and one per known peer endpoint; the data plane's epoll loop
+/// waits for them to be readable.
 pub struct BatchedUdp {
     socket: UdpSocket,
     state: UdpSocketState,
+    /// By the endpoint each is connected to.
+    peers: HashMap<SocketAddr, PeerSocket>,
+    /// Token → endpoint, for the receive side.
+    tokens: HashMap<u64, SocketAddr>,
+    next_token: u64,
+    /// Set once a peer socket could not be made (warned about once).
+    peer_sockets_failed: bool,
     bufs: Vec<Vec<u8>>,
     metas: Vec<RecvMeta>,
     /// The datagrams of the GSO send being made (reused).
@@ -49,16 +78,27 @@ pub struct BatchedUdp {
 }
 
 impl BatchedUdp {
+    /// Binds the gateway's port so that peer sockets can share it (SO_REUSEPORT), but fails,
+    /// as a plain bind would, when anything already holds the port: another gateway on the
+    /// same port would otherwise silently take a share of its datagrams.
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        // A socket without SO_REUSEPORT cannot bind beside any other: this is the check.
+        drop(UdpSocket::bind(addr)?);
+        Self::new(bind_shared(addr)?)
+    }
+
+    /// Takes a bound socket. Peer sockets share its port only if it was bound with
+    /// SO_REUSEPORT ([`bind`](Self::bind)); otherwise every datagram uses it.
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
-        socket.set_nonblocking(true)?;
-        size_buffers(&socket, SOCKET_BUFFER);
-        let state = UdpSocketState::new((&socket).into())?;
-        quiet_ancillary(&socket);
-        allow_fragments(&socket)?;
+        let state = prepare(&socket)?;
         let buf_len = (state.gro_segments() * 1600).max(65_536);
         Ok(Self {
             socket,
             state,
+            peers: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 0,
+            peer_sockets_failed: false,
             bufs: (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect(),
             metas: vec![RecvMeta::default(); RECV_BATCH],
             batch: Vec::with_capacity(MAX_SEGMENTS),
@@ -76,14 +116,108 @@ impl BatchedUdp {
         &self.socket
     }
 
-    /// Receives what is ready (without waiting) and hands each datagram to `f`. Returns the
-    /// number of datagrams, 0 when nothing was ready.
-    pub fn try_recv(&mut self, mut f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    /// The socket registered under `token`, if it is still in use.
+    pub fn peer_socket(&self, token: u64) -> Option<&UdpSocket> {
+        self.tokens
+            .get(&token)
+            .and_then(|dst| self.peers.get(dst))
+            .map(|p| &p.socket)
+    }
+
+    /// Keeps one connected socket per endpoint in `endpoints`: makes the missing ones and
+    /// closes those no longer wanted (closing takes them out of any epoll set). Returns the
+    /// tokens of the new ones, for the caller to wait on ([`peer_socket`](Self::peer_socket)).
+    /// Where one cannot be made, that peer's datagrams keep using the shared socket.
+    pub fn connect_peers(&mut self, endpoints: impl IntoIterator<Item = SocketAddr>) -> Vec<u64> {
+        let wanted: std::collections::HashSet<SocketAddr> = endpoints.into_iter().collect();
+        self.peers.retain(|dst, p| {
+            let keep = wanted.contains(dst);
+            if !keep {
+                self.tokens.remove(&p.token);
+            }
+            keep
+        });
+        let mut new = Vec::new();
+        for dst in wanted {
+            if self.peers.contains_key(&dst) {
+                continue;
+            }
+            match self.connect(dst) {
+                Ok((socket, state)) => {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    self.tokens.insert(token, dst);
+                    self.peers.insert(
+                        dst,
+                        PeerSocket {
+                            token,
+                            socket,
+                            state,
+                        },
+                    );
+                    new.push(token);
+                }
+                Err(e) if !self.peer_sockets_failed => {
+                    self.peer_sockets_failed = true;
+                    tracing::warn!(error = %e, peer = %dst, "cannot make a socket for this peer; its datagrams use the shared socket (routed per datagram)");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, peer = %dst, "cannot make a socket for this peer")
+                }
+            }
+        }
+        new
+    }
+
+    /// Closes the socket registered under `token`: its peer's datagrams use the shared
+    /// socket again (for one the caller cannot wait on).
+    pub fn forget_peer(&mut self, token: u64) {
+        if let Some(dst) = self.tokens.remove(&token) {
+            self.peers.remove(&dst);
+        }
+    }
+
+    /// A socket on the shared socket's port, connected to `dst`.
+    fn connect(&self, dst: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
+        let local = self.socket.local_addr()?;
+        if local.is_ipv4() != dst.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the endpoint's address family differs from the socket's",
+            ));
+        }
+        let socket = bind_shared(local)?;
+        socket.connect(dst)?;
+        let state = prepare(&socket)?;
+        Ok((socket, state))
+    }
+
+    /// Receives what is ready on the shared socket (without waiting) and hands each
+    /// datagram to `f`. Returns the number of datagrams, 0 when nothing was ready.
+    pub fn try_recv(&mut self, f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        self.try_recv_on(Source::Shared, f)
+    }
+
+    /// Receives what is ready on `source`, as [`try_recv`](Self::try_recv). A peer socket
+    /// reports an ICMP error from its endpoint (the peer's port closed) once, as
+    /// ECONNREFUSED; the error is then cleared.
+    pub fn try_recv_on(
+        &mut self,
+        source: Source,
+        mut f: impl FnMut(SocketAddr, &[u8]),
+    ) -> io::Result<usize> {
+        let (socket, state) = match source {
+            Source::Shared => (&self.socket, &self.state),
+            Source::Peer(token) => match self.tokens.get(&token).and_then(|d| self.peers.get(d)) {
+                Some(p) => (&p.socket, &p.state),
+                // Closed since the event was reported.
+                None => return Ok(0),
+            },
+        };
         let mut slices: Vec<IoSliceMut<'_>> =
             self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let state = &self.state;
         let metas = &mut self.metas;
-        let n = match state.recv((&self.socket).into(), &mut slices, metas) {
+        let n = match state.recv(socket.into(), &mut slices, metas) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) => return Err(e),
@@ -135,8 +269,21 @@ impl BatchedUdp {
     /// Sends `self.batch` (datagrams of `size` bytes each) to `dst` in one system call, or
     /// one by one where the kernel cannot take them together.
     fn send_batch(&mut self, dst: SocketAddr, size: usize) {
-        let err = match send_waiting(&self.socket, dst, size, &self.batch) {
+        // A peer's own socket sends without an address, on the route it cached.
+        let (socket, to) = match self.peers.get(&dst) {
+            Some(p) => (&p.socket, None),
+            None => (&self.socket, Some(dst)),
+        };
+        let err = match send_waiting(socket, to, size, &self.batch) {
             Ok(()) => return,
+            // An ICMP error from the peer's endpoint, reported by this send instead of
+            // sending (the peer's port was closed a moment ago): reported, it is cleared.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                match send_waiting(socket, to, size, &self.batch) {
+                    Ok(()) => return,
+                    Err(e) => e,
+                }
+            }
             Err(e) => e,
         };
         if self.batch.len() == 1 {
@@ -173,7 +320,7 @@ impl BatchedUdp {
             }
         }
         for d in &self.batch {
-            if let Err(e) = send_waiting(&self.socket, dst, d.len(), std::slice::from_ref(d)) {
+            if let Err(e) = send_waiting(socket, to, d.len(), std::slice::from_ref(d)) {
                 tracing::debug!(error = %e, dst = %dst, "UDP send failed");
             }
         }
@@ -184,7 +331,7 @@ impl BatchedUdp {
 /// datagrams are dropped (as a full link would drop them), with a warning.
 fn send_waiting(
     socket: &UdpSocket,
-    dst: SocketAddr,
+    dst: Option<SocketAddr>,
     size: usize,
     datagrams: &[Vec<u8>],
 ) -> io::Result<()> {
@@ -192,7 +339,7 @@ fn send_waiting(
         match send_gso(socket, dst, size, datagrams) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !wait_writable(socket, SEND_WAIT) {
-                    tracing::warn!(dst = %dst, datagrams = datagrams.len(), "UDP socket full for {SEND_WAIT:?}; datagrams dropped");
+                    tracing::warn!(dst = ?dst, datagrams = datagrams.len(), "UDP socket full for {SEND_WAIT:?}; datagrams dropped");
                     return Ok(());
                 }
             }
@@ -218,11 +365,11 @@ fn wait_writable(socket: &UdpSocket, limit: Duration) -> bool {
 /// Most datagrams in one GSO send (the kernel's UDP_MAX_SEGMENTS).
 const MAX_SEGMENTS: usize = 64;
 
-/// One `sendmsg` of `datagrams` (each `size` bytes but possibly the last) to `dst`, with
-/// UDP_SEGMENT when there is more than one.
+/// One `sendmsg` of `datagrams` (each `size` bytes but possibly the last) to `dst` (or
+/// where `socket` is connected), with UDP_SEGMENT when there is more than one.
 fn send_gso(
     socket: &UdpSocket,
-    dst: SocketAddr,
+    dst: Option<SocketAddr>,
     size: usize,
     datagrams: &[Vec<u8>],
 ) -> io::Result<()> {
@@ -242,15 +389,44 @@ fn send_gso(
     let segment = u16::try_from(size).unwrap_or(u16::MAX);
     let gso = [ControlMessage::UdpGsoSegments(&segment)];
     let cmsgs: &[ControlMessage<'_>] = if n > 1 { &gso } else { &[] };
-    let addr = SockaddrStorage::from(dst);
+    let addr = dst.map(SockaddrStorage::from);
     sendmsg(
         socket.as_raw_fd(),
         &iov[..n],
         cmsgs,
         MsgFlags::empty(),
-        Some(&addr),
+        addr.as_ref(),
     )?;
     Ok(())
+}
+
+/// A UDP socket bound to `addr` with SO_REUSEPORT (only sockets of this user that ask for it
+/// too can share the port), close-on-exec.
+fn bind_shared(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// Sets a gateway socket up: non-blocking, buffers sized, GRO on, the other ancillary data
+/// off, fragments allowed.
+fn prepare(socket: &UdpSocket) -> io::Result<UdpSocketState> {
+    socket.set_nonblocking(true)?;
+    size_buffers(socket, SOCKET_BUFFER);
+    let state = UdpSocketState::new(socket.into())?;
+    quiet_ancillary(socket);
+    allow_fragments(socket)?;
+    Ok(state)
 }
 
 /// Asks for `bytes` of socket buffer each way: past `net.core.[rw]mem_max` with
@@ -429,5 +605,152 @@ mod tests {
             let n = receiver.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], &want[..], "datagram {i}");
         }
+    }
+
+    /// Receives on `source` until `n` datagrams came or `limit` passed.
+    fn recv_n(
+        udp: &mut BatchedUdp,
+        source: Source,
+        n: usize,
+        limit: Duration,
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + limit;
+        while got.len() < n && std::time::Instant::now() < deadline {
+            let socket = match source {
+                Source::Shared => udp.socket(),
+                Source::Peer(t) => udp.peer_socket(t).expect("peer socket"),
+            };
+            if wait_readable(socket, Duration::from_millis(50)) {
+                udp.try_recv_on(source, |from, d| got.push((from, d.to_vec())))
+                    .unwrap();
+            }
+        }
+        got
+    }
+
+    /// The gateway's port is shared only with its own peer sockets: binding it fails when
+    /// anything holds it already, another gateway included.
+    #[test]
+    fn a_port_in_use_is_refused() {
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = other.local_addr().unwrap();
+        let err = BatchedUdp::bind(taken).err().expect("port in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+
+        let first = BatchedUdp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = first.socket().local_addr().unwrap();
+        let err = BatchedUdp::bind(port).err().expect("port in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    /// A peer's datagrams arrive on its own socket and ours leave from it, from the gateway's
+    /// port; anyone else still reaches the shared socket. Once the peer is dropped its
+    /// datagrams come to the shared socket again.
+    #[test]
+    fn a_peer_socket_carries_that_peers_datagrams_both_ways() {
+        let mut udp = BatchedUdp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = udp.socket().local_addr().unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+
+        let tokens = udp.connect_peers([peer_addr]);
+        assert_eq!(tokens.len(), 1);
+        let token = tokens[0];
+        // Asked again for the same endpoint: nothing new.
+        assert!(udp.connect_peers([peer_addr]).is_empty());
+        assert_eq!(
+            udp.peer_socket(token).unwrap().peer_addr().unwrap(),
+            peer_addr
+        );
+
+        peer.send_to(b"from the peer", port).unwrap();
+        stranger.send_to(b"from a stranger", port).unwrap();
+        let on_peer = recv_n(&mut udp, Source::Peer(token), 1, Duration::from_secs(5));
+        assert_eq!(on_peer, vec![(peer_addr, b"from the peer".to_vec())]);
+        let on_shared = recv_n(&mut udp, Source::Shared, 1, Duration::from_secs(5));
+        assert_eq!(
+            on_shared,
+            vec![(stranger.local_addr().unwrap(), b"from a stranger".to_vec())]
+        );
+
+        // Ours to the peer: three equal ones (one GSO send) and a short one, all from the
+        // gateway's port.
+        let mut queue: VecDeque<Transmit> =
+            [vec![1u8; 500], vec![2; 500], vec![3; 500], vec![4; 9]]
+                .into_iter()
+                .map(|payload| Transmit {
+                    dst: peer_addr,
+                    payload,
+                })
+                .collect();
+        let mut spent = Vec::new();
+        udp.send_all(&mut queue, &mut spent);
+        assert_eq!(spent.len(), 4);
+        let mut buf = [0u8; 2048];
+        for want in [vec![1u8; 500], vec![2; 500], vec![3; 500], vec![4; 9]] {
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(from, port);
+            assert_eq!(&buf[..n], &want[..]);
+        }
+
+        // The peer is gone from the wanted set: its socket closes.
+        assert!(udp.connect_peers([]).is_empty());
+        assert!(udp.peer_socket(token).is_none());
+        assert_eq!(udp.try_recv_on(Source::Peer(token), |_, _| {}).unwrap(), 0);
+        peer.send_to(b"again", port).unwrap();
+        let on_shared = recv_n(&mut udp, Source::Shared, 1, Duration::from_secs(5));
+        assert_eq!(on_shared, vec![(peer_addr, b"again".to_vec())]);
+    }
+
+    /// A peer whose port closed makes its socket report the ICMP error once, not stay
+    /// readable forever (which would spin the data plane); and the send after it, which the
+    /// kernel would fail with that error, is made again and arrives.
+    #[test]
+    fn a_closed_peer_port_is_reported_once_and_the_next_send_arrives() {
+        let mut udp = BatchedUdp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let gone = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let token = udp.connect_peers([peer_addr])[0];
+        let send = |udp: &mut BatchedUdp, byte: u8| {
+            let mut queue: VecDeque<Transmit> = [Transmit {
+                dst: peer_addr,
+                payload: vec![byte; 100],
+            }]
+            .into();
+            udp.send_all(&mut queue, &mut Vec::new());
+        };
+        // Port unreachable comes back: the socket reports an error (it is ready).
+        send(&mut udp, 1);
+        assert!(wait_readable(
+            udp.peer_socket(token).unwrap(),
+            Duration::from_secs(5)
+        ));
+        let err = udp
+            .try_recv_on(Source::Peer(token), |_, _| {})
+            .expect_err("the ICMP error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        // Read once, cleared: nothing more to report.
+        assert!(!wait_readable(
+            udp.peer_socket(token).unwrap(),
+            Duration::from_millis(200)
+        ));
+
+        // Another error is pending when the peer comes back...
+        send(&mut udp, 2);
+        assert!(wait_readable(
+            udp.peer_socket(token).unwrap(),
+            Duration::from_secs(5)
+        ));
+        let back = UdpSocket::bind(peer_addr).unwrap();
+        back.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // ...and the next send still arrives.
+        send(&mut udp, 3);
+        let mut buf = [0u8; 256];
+        let n = back.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[3u8; 100][..]);
     }
 }
