@@ -66,7 +66,7 @@ pub struct BatchedUdp {
     next_token: u64,
     /// Set once a peer socket could not be made (warned about once).
     peer_sockets_failed: bool,
-    bufs: Vec<Vec<u8>>,
+    bufs: [Vec<u8>; RECV_BATCH],
     metas: Vec<RecvMeta>,
     /// The datagrams of the GSO send being made (reused).
     batch: Vec<Vec<u8>>,
@@ -99,7 +99,7 @@ impl BatchedUdp {
             tokens: HashMap::new(),
             next_token: 0,
             peer_sockets_failed: false,
-            bufs: (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect(),
+            bufs: std::array::from_fn(|_| vec![0u8; buf_len]),
             metas: vec![RecvMeta::default(); RECV_BATCH],
             batch: Vec::with_capacity(MAX_SEGMENTS),
             gso_off: false,
@@ -214,8 +214,9 @@ impl BatchedUdp {
                 None => return Ok(0),
             },
         };
-        let mut slices: Vec<IoSliceMut<'_>> =
-            self.bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        // On the stack: no allocation per receive.
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            self.bufs.each_mut().map(|b| IoSliceMut::new(b));
         let metas = &mut self.metas;
         let n = match state.recv(socket.into(), &mut slices, metas) {
             Ok(n) => n,
