@@ -278,11 +278,11 @@ fn a_key_change_replaces_one_session_and_leaves_the_others() {
     );
 }
 
-#[test]
-fn a_cluster_behind_nat_connects_through_its_public_address() {
+/// a, and n behind NAT (at a private address, seen from outside as 198.51.100.1:51820),
+/// each told of the other; a knows both of n's addresses. Nothing sent yet.
+fn nat_pair() -> Net {
     let mut net = Net::new();
     let ka = net.add("a", 1, addr("192.0.2.1:51820"), None);
-    // n sits at a private address, seen from outside as 198.51.100.1:51820.
     let kn = net.add(
         "n",
         2,
@@ -303,6 +303,12 @@ fn a_cluster_behind_nat_connects_through_its_public_address() {
         vec![spec("a", ka, &["192.0.2.1:51820"], "10.1.0.0/16")],
         now,
     );
+    net
+}
+
+#[test]
+fn a_cluster_behind_nat_connects_through_its_public_address() {
+    let mut net = nat_pair();
     net.run(5, PROBE_INTERVAL);
     let now = net.now;
     let st = net.core("a").status(now);
@@ -414,29 +420,9 @@ fn endpoints(core: &GatewayCore) -> Vec<SocketAddr> {
 /// look again: when one is learned, moves, or its peer goes.
 #[test]
 fn learned_endpoints_and_when_they_change() {
-    let mut net = Net::new();
-    let ka = net.add("a", 1, addr("192.0.2.1:51820"), None);
-    let kn = net.add(
-        "n",
-        2,
-        addr("10.0.0.2:51820"),
-        Some(addr("198.51.100.1:51820")),
-    );
-    let now = net.now;
-    let gen0 = net.core("a").endpoints_generation();
-    net.core("a").set_peers(
-        vec![spec(
-            "n",
-            kn,
-            &["10.0.0.2:51820", "198.51.100.1:51820"],
-            "10.2.0.0/16",
-        )],
-        now,
-    );
-    net.core("n").set_peers(
-        vec![spec("a", ka, &["192.0.2.1:51820"], "10.1.0.0/16")],
-        now,
-    );
+    let gen0 = GatewayCore::new(secret(1)).endpoints_generation();
+    let mut net = nat_pair();
+    let ka = net.nodes["a"].core.public_key();
     // Two candidates tried, none answered yet: nothing learned, nothing changed.
     assert!(endpoints(net.core("a")).is_empty());
     assert_eq!(net.core("a").endpoints_generation(), gen0);
