@@ -20,7 +20,7 @@ use clusterlink_broker::client::{ClientError, Credentials, connect_with};
 use clusterlink_broker::follow::{ClusterSet, follow};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
 use crate::election::decide_role;
@@ -111,6 +111,27 @@ fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// Raises the soft limit on open files to the hard one, as Go programs (wireguard-go among
+/// them) do at start: each peer has a socket of its own, and the usual soft limit of 1024
+/// would send a large mesh's later peers to the shared socket. Returns the limit in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            debug!(from = soft, to = hard, "open files limit raised");
+            Some(hard)
+        }
+        Err(e) => {
+            warn!(error = %e, limit = soft, "cannot raise the open files limit; peers past it share one socket");
+            Some(soft)
+        }
+    }
+}
+
 pub async fn run(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -123,6 +144,7 @@ pub async fn run(
     let secret = load_or_create_key(&config.key_file)?;
     let core = GatewayCore::new(secret);
     let public_key = core.public_key();
+    raise_open_files_limit();
 
     let (peers_tx, peers_rx) = watch::channel::<Option<Vec<PeerSpec>>>(None);
     let (status_tx, status_rx) = watch::channel::<Vec<PeerStatus>>(Vec::new());
