@@ -39,7 +39,7 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot bind UDP port {port}: {source}")]
+    #[error("cannot bind UDP port {port}: {source} (the gateway needs the port to itself)")]
     Udp {
         port: u16,
         #[source]

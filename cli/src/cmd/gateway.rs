@@ -30,11 +30,14 @@ pub struct GatewayRunArgs {
     /// This gateway's address on the tunnel device (inside its cluster's pod CIDR).
     #[arg(long)]
     pub tunnel_ip: Ipv4Addr,
+    /// UDP port of the tunnels (WireGuard). It must be free: the gateway will not share it with
+    /// another process; it opens one more socket on it per peer, connected to that peer.
     #[arg(long, default_value_t = 51820)]
     pub listen_port: u16,
     /// The WireGuard private key (made, mode 0600, if missing).
     #[arg(long, default_value = "/var/lib/clusterlink/gateway.key")]
     pub key_file: PathBuf,
+    /// Name of the TUN device the gateway makes (the route agent's --tunnel-device).
     #[arg(long, default_value = "clusterlink0")]
     pub tun_name: String,
     /// Tunnel MTU: the underlay's MTU less WireGuard's 80 bytes (IPv6 underlay).
