@@ -540,15 +540,7 @@ mod tests {
         for i in 0..3u8 {
             sender.send_to(&[i; 100], to).unwrap();
         }
-        let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while got.len() < 3 && std::time::Instant::now() < deadline {
-            if !wait_readable(udp.socket(), Duration::from_millis(100)) {
-                continue;
-            }
-            udp.try_recv(|from, d| got.push((from, d.to_vec())))
-                .unwrap();
-        }
+        let got = recv_n(&mut udp, Source::Shared, 3, Duration::from_secs(5));
         let want: Vec<(SocketAddr, Vec<u8>)> = (0..3u8)
             .map(|i| (sender.local_addr().unwrap(), vec![i; 100]))
             .collect();
