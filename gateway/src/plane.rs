@@ -14,6 +14,10 @@
 //! `epoll_wait` has no timeout of its own: a wake-up by a packet starts and cancels no
 //! kernel timer (in a VM, each is a trap to the hypervisor).
 //!
+//! Before it sleeps, the plane polls the epoll set (yielding the CPU between polls) for an
+//! adaptive window ([`BusyPoll`]): a reply that comes back soon after its request is picked
+//! up without a wake-up.
+//!
 //! The rest of the gateway (broker follower, publisher) runs on tokio and talks to the
 //! plane through watch channels, with an eventfd ([`Wake`]) to wake it.
 
@@ -30,6 +34,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use crate::busy_poll::BusyPoll;
 use crate::core::{GatewayCore, PeerSpec, PeerStatus};
 use crate::shell::{GatewayConfig, GatewayError};
 use crate::udp::{BatchedUdp, Source};
@@ -81,6 +86,7 @@ pub struct Plane {
     udp: BatchedUdp,
     epoll: Epoll,
     timer: TimerFd,
+    busy_poll: Duration,
 }
 
 impl Plane {
@@ -126,11 +132,13 @@ impl Plane {
             udp,
             epoll,
             timer,
+            busy_poll: config.busy_poll,
         })
     }
 
     /// Runs until `stop` is set or the peers' sender goes away.
     pub fn run(mut self, mut core: GatewayCore, mut ctl: Control) {
+        let mut busy = BusyPoll::new(self.busy_poll);
         core.set_tun_headroom(TUN_HEADROOM);
         let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
         let mut tun_segs: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
@@ -168,14 +176,31 @@ impl Plane {
                 // Without an armed timer (it failed), the deadline bounds the wait instead.
                 armed.map_or_else(|| timeout_until(deadline, now), |_| EpollTimeout::NONE)
             };
-            let n = match self.epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => 0,
-                Err(e) => {
-                    warn!(error = %e, "epoll_wait failed; the data plane stops");
-                    return;
+            // Poll for the window first, yielding the CPU to anything runnable, then sleep.
+            // A deadline already due is not kept waiting for the window.
+            let poll_until = if deadline <= now {
+                now
+            } else {
+                now + busy.window()
+            };
+            let n = loop {
+                let polling = Instant::now() < poll_until;
+                let t = if polling { EpollTimeout::ZERO } else { timeout };
+                match self.epoll.wait(&mut events, t) {
+                    Ok(0) if polling => {
+                        let _ = nix::sched::sched_yield();
+                    }
+                    Ok(n) => break n,
+                    Err(Errno::EINTR) => break 0,
+                    Err(e) => {
+                        warn!(error = %e, "epoll_wait failed; the data plane stops");
+                        return;
+                    }
                 }
             };
+            if n > 0 {
+                busy.idle_ended(Instant::now().saturating_duration_since(now));
+            }
             let (mut tun_ready, mut udp_ready) = (false, false);
             for event in &events[..n] {
                 match event.data() {

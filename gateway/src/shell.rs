@@ -77,6 +77,9 @@ pub struct GatewayConfig {
     /// TTL of the lease this gateway's endpoint is published under. When the active
     /// gateway dies, a passive one takes over once it has expired: this bounds failover.
     pub lease: Duration,
+    /// The longest the data plane polls for the next packet before it sleeps (zero: never);
+    /// see [`crate::busy_poll`].
+    pub busy_poll: Duration,
 }
 
 /// Loads the WireGuard key, or makes one (mode 0600). The private key never leaves the node.

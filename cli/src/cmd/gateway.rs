@@ -49,6 +49,12 @@ pub struct GatewayRunArgs {
     /// seconds).
     #[arg(long, default_value_t = 800, value_parser = clap::value_parser!(u32).range(200..=300_000))]
     pub lease_ms: u32,
+    /// The longest, in µs, the data plane keeps polling for the next packet before it
+    /// sleeps (0 to 1000; 0: never). It saves a wake-up when a reply comes back soon after
+    /// its request, for up to that much CPU each time the plane goes idle. The window adapts:
+    /// where replies take longer (a WAN between the clusters), it shrinks to nothing.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub busy_poll_us: u32,
 }
 
 pub async fn run(c: GatewayCommand) -> Result<()> {
@@ -64,6 +70,7 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
                 tunnel_ip: a.tunnel_ip,
                 mtu: a.mtu,
                 lease: std::time::Duration::from_millis(u64::from(a.lease_ms)),
+                busy_poll: std::time::Duration::from_micros(u64::from(a.busy_poll_us)),
             };
             run_gateway(config, shutdown_signal())
                 .await
