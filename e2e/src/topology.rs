@@ -10,12 +10,12 @@
 //! ```
 //!
 //! Each cluster's nodes share one segment (a bridge in the wan namespace): gateway node K
-//! at 172.31.<i>.<2+K>, worker node K (from 1) at 172.31.<i>.<100+K>. Every node has one
+//! at `172.31.<i>.<2+K>`, worker node K (from 1) at `172.31.<i>.<100+K>`. Every node has one
 //! pod, a namespace on a veth pair to it, in the node's own /24 of the cluster's pod CIDR
-//! (10.<i>.<n>.0/24, n = K+1 for gateways, 100+K for workers; the pod is .10, the node .1).
+//! (`10.<i>.<n>.0/24`, n = K+1 for gateways, 100+K for workers; the pod is .10, the node .1).
 //! The nodes route each other's pod subnets over the segment, as a host-gateway CNI would.
 //!
-//! A cluster behind NAT has its underlay source-NATed to 100.64.<i>.1 when it leaves for
+//! A cluster behind NAT has its underlay source-NATed to `100.64.<i>.1` when it leaves for
 //! another cluster, and connections into it that it did not start are dropped, as at a
 //! real NAT. The broker has a namespace of its own behind the wan.
 

@@ -237,7 +237,7 @@ impl BatchedUdp {
 
     /// Sends every transmit, folding runs of equal-size datagrams to the same peer into GSO
     /// sends: one `sendmsg` whose iovec points at each datagram's own buffer, so nothing is
-    /// copied on the way. Waits for room when the socket is full (up to [`SEND_WAIT`]).
+    /// copied on the way. Waits for room when the socket is full (up to `SEND_WAIT`, 1 s).
     /// Each payload goes to `spent` once sent, for reuse.
     pub fn send_all(&mut self, queue: &mut VecDeque<Transmit>, spent: &mut Vec<Vec<u8>>) {
         let max_segments = if self.gso_off {
@@ -328,7 +328,7 @@ impl BatchedUdp {
     }
 }
 
-/// [`send_gso`], waiting for room in a full socket up to [`SEND_WAIT`]; past that the
+/// [`send_gso`], waiting for room in a full socket up to `SEND_WAIT` (1 s); past that the
 /// datagrams are dropped (as a full link would drop them), with a warning.
 fn send_waiting(
     socket: &UdpSocket,
