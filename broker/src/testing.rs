@@ -42,21 +42,44 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd without fsync (tests: speed over durability) and waits until it answers.
     pub fn start() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(false)
+        Self::start_with(false, free_port)
     }
 
     /// Starts etcd with fsync on every commit, as in production (benchmarks).
     pub fn start_durable() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(true)
+        Self::start_with(true, free_port)
     }
 
-    fn start_with(durable: bool) -> Result<Self, EtcdHarnessError> {
+    /// The ports are free when chosen but not held: another test's etcd, or any outgoing
+    /// connection's local port, can take one before etcd binds it. etcd then exits with
+    /// "address already in use", and it is started again on other ports.
+    fn start_with(
+        durable: bool,
+        mut port: impl FnMut() -> std::io::Result<u16>,
+    ) -> Result<Self, EtcdHarnessError> {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(durable, port()?, port()?) {
+                Err(EtcdHarnessError::NotReady { log, .. })
+                    if attempt < ATTEMPTS && log.contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(
+        durable: bool,
+        client_port: u16,
+        peer_port: u16,
+    ) -> Result<Self, EtcdHarnessError> {
         let binary = std::env::var("CLUSTERLINK_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let dir = tempfile::Builder::new()
             .prefix("clusterlink-etcd-")
             .tempdir()?;
-        let client_port = free_port()?;
-        let peer_port = free_port()?;
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;
         let client_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -136,5 +159,36 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_taken_before_etcd_binds_it_is_tried_again_elsewhere() {
+        // The first client port handed out is held, as if another process took it after it
+        // was chosen; the next ones are free.
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let mut handed = Vec::new();
+        let etcd = EtcdServer::start_with(false, || {
+            let port = if handed.is_empty() {
+                taken
+            } else {
+                free_port()?
+            };
+            handed.push(port);
+            Ok(port)
+        })
+        .expect("etcd starts on the second ports");
+        assert_eq!(
+            handed.len(),
+            4,
+            "two ports per attempt, two attempts: {handed:?}"
+        );
+        assert_ne!(etcd.client_port, taken);
+        assert!(health(&format!("127.0.0.1:{}", etcd.client_port)).is_ok());
     }
 }
