@@ -184,7 +184,8 @@ impl Plane {
                 now + busy.window()
             };
             let n = loop {
-                let polling = Instant::now() < poll_until;
+                // No clock read when there is no window to poll in.
+                let polling = poll_until > now && Instant::now() < poll_until;
                 let t = if polling { EpollTimeout::ZERO } else { timeout };
                 match self.epoll.wait(&mut events, t) {
                     Ok(0) if polling => {
