@@ -112,6 +112,17 @@ impl RecordKey {
             _ => Err(bad()),
         }
     }
+
+    /// The name of this key within its owner, as a withdraw request names it: the inverse of
+    /// [`RecordKey::from_name`].
+    pub fn name(&self) -> String {
+        match self {
+            RecordKey::Cluster(_) => String::new(),
+            RecordKey::Gateway(_, node) => node.to_string(),
+            RecordKey::Service(_, ns, n) => format!("{ns}/{n}"),
+            RecordKey::Connection(_, from, to, node) => format!("{from}/{to}/{node}"),
+        }
+    }
 }
 
 impl fmt::Display for RecordKey {
@@ -182,5 +193,21 @@ mod tests {
         let k = RecordKey::from_name(Kind::Connections, &east, "gw-1/west/gw-0").unwrap();
         assert_eq!(k.to_string(), "connections/east/gw-1/west/gw-0");
         assert!(RecordKey::from_name(Kind::Connections, &east, "west/gw-0").is_err());
+    }
+
+    #[test]
+    fn a_key_is_found_again_by_its_name() {
+        for s in [
+            "clusters/east",
+            "gateways/east/gw-0",
+            "services/east/demo/echo",
+            "connections/east/gw-1/west/gw-0",
+        ] {
+            let k: RecordKey = s.parse().unwrap();
+            assert_eq!(
+                RecordKey::from_name(k.kind(), k.owner(), &k.name()).unwrap(),
+                k
+            );
+        }
     }
 }

@@ -4,13 +4,14 @@
 //! [`ClusterId`] is always a valid DNS label, a [`CidrSet`] never holds a CIDR with host bits
 //! set, and a record that fails validation never reaches the broker's store.
 
+pub mod cluster_set;
 pub mod error;
 pub mod ids;
 pub mod keys;
-pub mod mcs;
 pub mod net;
 pub mod records;
 
+pub use cluster_set::ClusterSet;
 pub use error::ValidationError;
 pub use ids::{ClusterId, DnsLabel, NodeName};
 pub use keys::{Kind, RecordKey};
@@ -20,11 +21,19 @@ pub use records::{
     GatewayEndpoint, GatewayRole, Record, ServicePort, ServiceRecord, ServiceType, active_gateway,
 };
 
-/// Generated protobuf and gRPC code for `clusterlink.broker.v1`.
+/// Generated protobuf code for `clusterlink.broker.v1`, with the gRPC client and server
+/// (`broker_client`, `broker_server`) under the `grpc` feature.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
-    tonic::include_proto!("clusterlink.broker.v1");
+    include!(concat!(env!("OUT_DIR"), "/clusterlink.broker.v1.rs"));
 }
 
 /// Largest message the broker accepts or sends, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Milliseconds since the Unix epoch, as records carry time (0 before the epoch).
+pub fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -19,11 +19,12 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::client::{API_VERSION, ClientError, to_yaml, write_file};
 use crate::pki::{Ca, CertAndKey, PkiError, new_ca};
 use crate::server::BrokerTls;
 use crate::store::embedded::EmbeddedOptions;
 use crate::store::{EmbeddedStore, EtcdStore, StoreError};
+use clusterlink_broker_client::files::{API_VERSION, FileError, write_yaml};
+use clusterlink_broker_client::fs::write_atomic;
 
 #[derive(Debug, Error)]
 pub enum DeployError {
@@ -44,7 +45,7 @@ pub enum DeployError {
     #[error("{path} is not a valid broker config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error(transparent)]
-    Write(#[from] ClientError),
+    Write(#[from] FileError),
     #[error("certificates: {0}")]
     Pki(#[from] PkiError),
     #[error("store: {0}")]
@@ -155,16 +156,16 @@ impl DataDir {
         let loaded = Ca::load(&ca)?;
         let server = loaded.server_cert(now, server_names)?;
         let admin = loaded.admin_cert(now)?;
-        write_file(&self.pki("ca.key"), &ca.key_pem, 0o600)?;
-        write_file(&self.pki("server.key"), &server.key_pem, 0o600)?;
-        write_file(&self.pki("server.crt"), &server.cert_pem, 0o644)?;
-        write_file(
-            &self.config_path(),
-            &to_yaml(&self.config_path(), config)?,
-            0o644,
-        )?;
+        let write = |path: PathBuf, text: &str, mode| {
+            write_atomic(&path, text.as_bytes(), mode)
+                .map_err(|source| FileError::Write { path, source })
+        };
+        write(self.pki("ca.key"), &ca.key_pem, 0o600)?;
+        write(self.pki("server.key"), &server.key_pem, 0o600)?;
+        write(self.pki("server.crt"), &server.cert_pem, 0o644)?;
+        write_yaml(&self.config_path(), config, 0o644)?;
         // Last: its presence marks the directory as deployed.
-        write_file(&self.pki("ca.crt"), &ca.cert_pem, 0o644)?;
+        write(self.pki("ca.crt"), &ca.cert_pem, 0o644)?;
         Ok((BrokerTls { ca, server }, admin))
     }
 

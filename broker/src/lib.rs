@@ -2,13 +2,10 @@
 //!
 //! - [`store`]: the storage contract and its embedded (redb) and etcd backends.
 
-pub mod client;
 pub mod core;
 pub mod deploy;
-pub mod follow;
 pub mod hub;
 pub mod pki;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod testing;

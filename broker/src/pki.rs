@@ -18,7 +18,7 @@ use clusterlink_api::ClusterId;
 
 /// The DNS name every broker certificate carries; clients verify against it, so the broker's
 /// address can change without reissuing certificates.
-pub const BROKER_SERVER_NAME: &str = "broker.clusterlink.internal";
+pub use clusterlink_broker_client::BROKER_SERVER_NAME;
 pub const ADMIN_URI: &str = "spiffe://clusterlink/admin";
 const CLUSTER_URI_PREFIX: &str = "spiffe://clusterlink/cluster/";
 

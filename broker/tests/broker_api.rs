@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use clusterlink_api::proto::{self, broker_client::BrokerClient};
 use clusterlink_api::{Kind, Record};
-use clusterlink_broker::client::connect;
 use clusterlink_broker::pki::{Ca, CertAndKey, new_ca, new_client_key};
 use clusterlink_broker::server::{BrokerTls, serve};
 use clusterlink_broker::service::Clock;
 use clusterlink_broker::store::embedded::EmbeddedOptions;
 use clusterlink_broker::store::{EmbeddedStore, EtcdStore, Store};
-use clusterlink_broker::testing::EtcdServer;
+use clusterlink_broker_client::connect;
+use clusterlink_testkit::EtcdServer;
 use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;

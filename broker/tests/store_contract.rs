@@ -12,7 +12,7 @@ use clusterlink_broker::store::{
     Compare, EmbeddedStore, EtcdStore, Event, Store, StoreError, Txn, TxnOutcome, Watch,
     WatchMessage,
 };
-use clusterlink_broker::testing::EtcdServer;
+use clusterlink_testkit::EtcdServer;
 
 const WAIT: Duration = Duration::from_secs(10);
 

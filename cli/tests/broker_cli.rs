@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clusterlink_api::{Kind, proto};
-use clusterlink_broker::client::{Credentials, connect_with};
+use clusterlink_broker_client::{Credentials, connect_with};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
@@ -572,8 +572,7 @@ fn sigkilled_broker_loses_no_acknowledged_write() {
 
 #[test]
 fn two_broker_processes_on_one_etcd_serve_the_same_data() {
-    let etcd =
-        clusterlink_broker::testing::EtcdServer::start().expect("start etcd (Debian etcd-server)");
+    let etcd = clusterlink_testkit::EtcdServer::start().expect("start etcd (Debian etcd-server)");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let port_a = deploy(dir, &["--store", &etcd.url()]);

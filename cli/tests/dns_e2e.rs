@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
+use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
@@ -228,7 +228,7 @@ fn export_unexport_unready_and_conflict_through_manifests() {
     let lab = up();
     lab.wait_services(Duration::from_secs(20)).unwrap();
     let pod = lab.worker(0).pod.ns();
-    let name = clusterlink_e2e::lab::ECHO_NAME;
+    let name = clusterlink_lab::lab::ECHO_NAME;
     let c_ip = lab.worker(2).pod.address.to_string();
     let dir = |c: usize| lab.state.clusters[c].manifests.display().to_string();
     assert_eq!(

@@ -14,8 +14,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_e2e::topology::nft;
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
+use clusterlink_lab::topology::nft;
+use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 
@@ -185,7 +185,7 @@ fn existing_tunnels_survive_a_broker_outage() {
 fn a_gateway_whose_tun_device_is_deleted_exits_with_an_error() {
     let lab = up(false);
     lab.gateway_ns(0, 0)
-        .ip(&["link", "del", clusterlink_e2e::lab::TUN])
+        .ip(&["link", "del", clusterlink_lab::lab::TUN])
         .unwrap();
     let mut status = None;
     wait_until("a-gw0 to exit", Duration::from_secs(10), || {
@@ -245,7 +245,7 @@ fn a_handshake_flood_gets_cookies_and_tunnels_carry_on() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    use clusterlink_gateway::wg::{Output, PublicKey, Session, StaticSecret};
+    use clusterlink_gateway_core::wg::{Output, PublicKey, Session, StaticSecret};
 
     let mut lab = up(false);
     let a = &lab.state.clusters[0].gateways[0];

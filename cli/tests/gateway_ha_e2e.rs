@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, wait_until};
+use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
 

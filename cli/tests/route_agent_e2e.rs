@@ -14,8 +14,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_e2e::lab::agent_routes;
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, Pod, wait_until};
+use clusterlink_lab::lab::agent_routes;
+use clusterlink_lab::{ClusterSpec, Lab, Netns, Pod, wait_until};
 use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");

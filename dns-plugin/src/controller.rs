@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clusterlink_api::mcs::{ServiceExport, ServiceExportStatus};
+use crate::mcs::{ServiceExport, ServiceExportStatus};
+use clusterlink_api::ClusterSet;
 use clusterlink_api::proto::broker_client::BrokerClient;
 use clusterlink_api::{ClusterId, Record, ServiceRecord, proto};
-use clusterlink_broker::client::{Credentials, connect_with};
-use clusterlink_broker::follow::ClusterSet;
+use clusterlink_broker_client::{Credentials, connect_with};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
@@ -332,10 +332,5 @@ fn status_path(dir: &Path, (ns, name): &Key) -> PathBuf {
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, path)
+    clusterlink_broker_client::fs::write_atomic(path, text.as_bytes(), 0o644)
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use clusterlink_api::mcs::{ServiceExport, condition};
+use crate::mcs::{ServiceExport, condition};
 use clusterlink_api::{ClusterId, DnsLabel, Endpoint, ServicePort, ServiceRecord, ServiceType};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use clusterlink_api::mcs::{
+use crate::mcs::{
     ClusterStatus, ServiceImport, ServiceImportSpec, ServiceImportStatus, ServiceImportType,
     ServicePort,
 };

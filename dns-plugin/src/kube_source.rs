@@ -6,7 +6,7 @@
 //! - [`apply_import`] / [`delete_import`]: a ServiceImport and its EndpointSlices
 //!   (server-side apply, field manager `clusterlink`).
 
-use clusterlink_api::mcs::{ServiceExport, ServiceExportSpec, ServiceImport};
+use crate::mcs::{ServiceExport, ServiceExportSpec, ServiceImport};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
@@ -382,12 +382,12 @@ mod tests {
                     "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"type": "Headless", "ports": []}})
             }
         });
-        let creds = clusterlink_broker::client::Credentials {
+        let creds = clusterlink_broker_client::Credentials {
             api_version: String::new(),
             kind: String::new(),
             address: "127.0.0.1:1".into(),
             ca_certificate: String::new(),
-            identity: "a".into(),
+            identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
             certificate: String::new(),
             private_key: String::new(),
         };
@@ -396,7 +396,7 @@ mod tests {
             creds,
             "a".parse().unwrap(),
         );
-        let mut set = clusterlink_broker::follow::ClusterSet::default();
+        let mut set = clusterlink_api::ClusterSet::default();
         let record = exported_by_b();
         set.services.insert(
             (

@@ -9,6 +9,8 @@
 //!   EndpointSlices), a plain function.
 //! - [`manifests`] and [`controller`]: the manifest-directory source and the loop that
 //!   publishes what it exports and writes what it imports (standalone mode, the lab).
+//! - [`mcs`]: the MCS API's ServiceExport and ServiceImport (kube CustomResource); the CRDs
+//!   in `deploy/crds/` are generated from them.
 //! - [`server`]: `clusterlink dns run`: hickory-server on UDP and TCP over that core, fed by
 //!   the broker (services and tunnel status).
 
@@ -18,4 +20,5 @@ pub mod export;
 pub mod import;
 pub mod kube_source;
 pub mod manifests;
+pub mod mcs;
 pub mod server;

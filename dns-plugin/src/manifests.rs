@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clusterlink_api::mcs::ServiceExport;
+use crate::mcs::ServiceExport;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clusterlink_api::{ClusterId, Kind};
-use clusterlink_broker::client::Credentials;
-use clusterlink_broker::follow::follow;
+use clusterlink_broker_client::Credentials;
+use clusterlink_broker_client::follow;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{
@@ -42,9 +42,9 @@ pub enum DnsError {
         source: std::io::Error,
     },
     #[error(
-        "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
+        "the credentials name no cluster (identity {0}); use the file `clusterlink join` wrote"
     )]
-    NotACluster(String),
+    NotACluster(clusterlink_broker_client::Identity),
 }
 
 #[derive(Clone, Debug)]
@@ -346,9 +346,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DnsError> {
     let local: ClusterId = credentials
-        .identity
-        .parse()
-        .map_err(|_| DnsError::NotACluster(credentials.identity.clone()))?;
+        .cluster()
+        .cloned()
+        .ok_or_else(|| DnsError::NotACluster(credentials.identity.clone()))?;
     let zone = Zone::new(&config.zone, config.ttl)?;
     let (view_tx, view_rx) = watch::channel(Arc::new(View {
         local: Some(local.clone()),

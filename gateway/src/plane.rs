@@ -34,11 +34,11 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::busy_poll::BusyPoll;
-use crate::core::{GatewayCore, PeerSpec, PeerStatus};
-use crate::shell::{GatewayConfig, GatewayError};
+use crate::config::{GatewayConfig, GatewayError};
 use crate::udp::{BatchedUdp, Source};
-use crate::wg::MAX_DATAGRAM;
+use clusterlink_gateway_core::busy_poll::BusyPoll;
+use clusterlink_gateway_core::core::{GatewayCore, PeerSpec, PeerStatus};
+use clusterlink_gateway_core::wg::MAX_DATAGRAM;
 
 /// Room in front of each packet written to the TUN device (its virtio-net header).
 pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;

@@ -23,7 +23,7 @@ use nix::errno::Errno;
 use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use quinn_udp::{RecvMeta, UdpSocketState};
 
-use crate::core::Transmit;
+use clusterlink_gateway_core::core::Transmit;
 
 /// Messages per `recvmmsg` (each up to 64 datagrams with GRO). Small on purpose: the data
 /// plane handles one `recvmmsg` per wake-up and writes what it decrypted before it reads

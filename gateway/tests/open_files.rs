@@ -10,12 +10,12 @@ fn the_open_files_limit_is_raised_to_the_hard_limit() {
     setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
     assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (low, hard));
 
-    let got = clusterlink_gateway::shell::raise_open_files_limit();
+    let got = clusterlink_gateway::config::raise_open_files_limit();
     assert_eq!(got, Some(hard));
     assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
     // Already there: nothing to do, same answer.
     assert_eq!(
-        clusterlink_gateway::shell::raise_open_files_limit(),
+        clusterlink_gateway::config::raise_open_files_limit(),
         Some(hard)
     );
 }

@@ -13,9 +13,9 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use clusterlink_e2e::Testbed;
-use clusterlink_gateway::core::Transmit;
 use clusterlink_gateway::udp::BatchedUdp;
+use clusterlink_gateway_core::core::Transmit;
+use clusterlink_lab::Testbed;
 
 const SENDER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const RECEIVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);

@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
+use clusterlink_api::ClusterSet;
 use clusterlink_api::{ClusterId, NodeName, active_gateway};
-use clusterlink_broker::follow::ClusterSet;
 use ipnet::{IpNet, Ipv4Net};
 
 /// Table, rule priority and route protocol of the agent's own routes and rule.

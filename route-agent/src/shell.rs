@@ -11,9 +11,10 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use clusterlink_api::ClusterSet;
 use clusterlink_api::{ClusterId, Kind, NodeName};
-use clusterlink_broker::client::Credentials;
-use clusterlink_broker::follow::{ClusterSet, follow};
+use clusterlink_broker_client::Credentials;
+use clusterlink_broker_client::follow;
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
@@ -31,9 +32,9 @@ pub enum AgentError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
     #[error(
-        "the credentials name no cluster (identity {0:?}); use the file `clusterlink join` wrote"
+        "the credentials name no cluster (identity {0}); use the file `clusterlink join` wrote"
     )]
-    NotACluster(String),
+    NotACluster(clusterlink_broker_client::Identity),
     #[error("cannot listen to the kernel's route notifications: {0}")]
     Monitor(#[source] std::io::Error),
 }
@@ -78,9 +79,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let cluster: ClusterId = config
         .credentials
-        .identity
-        .parse()
-        .map_err(|_| AgentError::NotACluster(config.credentials.identity.clone()))?;
+        .cluster()
+        .cloned()
+        .ok_or_else(|| AgentError::NotACluster(config.credentials.identity.clone()))?;
     let own = config.ownership;
     let node = config.node_config(cluster.clone());
     let kernel = Kernel::connect(own, &config.overlay_device, &config.tunnel_device)?

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use clusterlink_e2e::lab::resolve;
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, Testbed, wait_until};
+use clusterlink_lab::lab::resolve;
+use clusterlink_lab::{ClusterSpec, Lab, Netns, Testbed, wait_until};
 use serde::Serialize;
 
 use super::bench_tunnel::progress;

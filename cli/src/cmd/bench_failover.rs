@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use clusterlink_e2e::{ClusterSpec, Lab, wait_until};
+use clusterlink_lab::{ClusterSpec, Lab, wait_until};
 use serde::Serialize;
 
 use super::bench_tunnel::progress;

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
+use clusterlink_api::ClusterSet;
 use clusterlink_api::{Cluster, GatewayEndpoint, GatewayRole};
-use clusterlink_broker::follow::ClusterSet;
-use clusterlink_e2e::{ClusterSpec, Lab, Testbed};
+use clusterlink_lab::{ClusterSpec, Lab, Testbed};
 use clusterlink_route_agent::core::{self, NodeConfig, NodeFacts, Ownership, State};
 use clusterlink_route_agent::kernel::Kernel;
 use serde::Serialize;

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use clusterlink_e2e::netns::run;
-use clusterlink_e2e::{Netns, Testbed, wait_until};
+use clusterlink_lab::netns::run;
+use clusterlink_lab::{Netns, Testbed, wait_until};
 use serde::Serialize;
 
 use crate::output::{Format, Tabular, print, render};

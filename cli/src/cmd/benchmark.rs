@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use clusterlink_api::{Kind, proto};
-use clusterlink_broker::client::{BrokerInfo, Credentials, connect, connect_with};
 use clusterlink_broker::pki::new_client_key;
-use clusterlink_broker::testing::EtcdServer;
+use clusterlink_broker_client::{BrokerInfo, Credentials, connect, connect_with};
+use clusterlink_testkit::EtcdServer;
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -300,7 +300,7 @@ async fn run_one(backend: Backend, a: &BrokerBenchArgs) -> Result<BrokerBenchRes
                 creds.lock().await.push(Credentials::new(
                     info.address.clone(),
                     resp.ca_certificate_pem,
-                    id,
+                    clusterlink_broker_client::Identity::Cluster(id.parse()?),
                     resp.certificate_pem,
                     key,
                 ));
@@ -399,7 +399,7 @@ async fn run_one(backend: Backend, a: &BrokerBenchArgs) -> Result<BrokerBenchRes
                     .publish(proto::PublishRequest {
                         record: Some(proto::Record {
                             kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
-                                cluster: cluster.clone(),
+                                cluster: cluster.to_string(),
                                 namespace: "bench".into(),
                                 name: format!("svc-{}", i % 10),
                                 r#type: proto::ServiceType::ClusterSetIp as i32,

@@ -8,10 +8,10 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_api::proto;
-use clusterlink_broker::client::{BrokerInfo, Credentials, check_address, connect_with};
 use clusterlink_broker::deploy::{AnyStore, BrokerConfig, DataDir, StoreSpec};
 use clusterlink_broker::server::serve;
 use clusterlink_broker::service::{SystemClock, create_token};
+use clusterlink_broker_client::{BrokerInfo, Credentials, check_address, connect_with};
 use tracing::info;
 
 use super::{CredentialsArg, call};
@@ -148,7 +148,7 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
         Credentials::new(
             advertise.clone(),
             tls.ca.cert_pem.clone(),
-            "admin".into(),
+            clusterlink_broker_client::Identity::Admin,
             admin.cert_pem,
             admin.key_pem,
         )

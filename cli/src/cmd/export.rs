@@ -42,9 +42,8 @@ pub async fn export(c: ExportCommand) -> Result<()> {
             }
             let path = dir.join(export_file(a.namespace.as_str(), a.name.as_str()));
             let existed = path.exists();
-            let tmp = path.with_extension("yaml.tmp");
-            std::fs::write(&tmp, export_manifest(a.namespace.as_str(), a.name.as_str()))
-                .and_then(|()| std::fs::rename(&tmp, &path))
+            let manifest = export_manifest(a.namespace.as_str(), a.name.as_str());
+            clusterlink_broker_client::fs::write_atomic(&path, manifest.as_bytes(), 0o644)
                 .with_context(|| format!("Cannot write {}", path.display()))?;
             print(&format!(
                 "{} service {}/{} ({}); its status will be in {}\n",

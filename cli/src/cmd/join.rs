@@ -7,8 +7,8 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use clusterlink_api::{Cluster, proto};
-use clusterlink_broker::client::{BrokerInfo, Credentials, connect};
 use clusterlink_broker::pki::new_client_key;
+use clusterlink_broker_client::{BrokerInfo, Credentials, connect};
 
 use super::call;
 use crate::output::print;
@@ -72,7 +72,7 @@ pub async fn run(a: JoinArgs) -> Result<()> {
     Credentials::new(
         info.address.clone(),
         resp.ca_certificate_pem,
-        cluster.id.to_string(),
+        clusterlink_broker_client::Identity::Cluster(cluster.id.clone()),
         resp.certificate_pem,
         key_pem,
     )

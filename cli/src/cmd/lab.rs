@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use clusterlink_e2e::lab::{ECHO_NAME, LAB_PREFIX, LabState, echo_roundtrip, resolve};
-use clusterlink_e2e::netns::{ip, remove_namespace, sweep_stale};
-use clusterlink_e2e::{ClusterSpec, Lab, Netns, Role, Testbed};
+use clusterlink_lab::lab::{ECHO_NAME, LAB_PREFIX, LabState, echo_roundtrip, resolve};
+use clusterlink_lab::netns::{ip, remove_namespace, sweep_stale};
+use clusterlink_lab::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
 
 use crate::output::{Format, Tabular, print, render};
@@ -252,7 +252,7 @@ impl Tabular for Reach {
 }
 
 fn reachability(state: &LabState) -> Vec<Reach> {
-    let worker_pod = |c: &clusterlink_e2e::lab::LabCluster| {
+    let worker_pod = |c: &clusterlink_lab::lab::LabCluster| {
         c.nodes
             .iter()
             .find(|n| n.node.role == Role::Worker)

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use clusterlink_broker::client::Credentials;
+use clusterlink_broker_client::Credentials;
 
 /// How long one request to the broker may take.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use clusterlink_api::{Kind, Record, proto};
-use clusterlink_broker::client::{connect_with, rfc3339_from_unix_ms};
+use clusterlink_broker_client::{connect_with, rfc3339_from_unix_ms};
 use serde::Serialize;
 
 use super::{CredentialsArg, call};

@@ -2,7 +2,7 @@
 //! `ServiceExport` and `ServiceImport`, schema compatible with kubernetes-sigs/mcs-api.
 //!
 //! The CRDs in `deploy/crds/` are generated from these types ([`crds_yaml`]); a test fails
-//! when they are out of date (`UPDATE_CRDS=1 cargo test -p clusterlink-api` rewrites them).
+//! when they are out of date (`UPDATE_CRDS=1 cargo test -p clusterlink-dns` rewrites them).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -118,7 +118,7 @@ pub fn crds_yaml() -> Vec<(&'static str, String)> {
         let body = serde_saphyr::to_string(&crd).unwrap_or_default();
         (
             name,
-            format!("# Generated from api/src/mcs.rs by `UPDATE_CRDS=1 cargo test -p clusterlink-api`; do not edit.\n{body}"),
+            format!("# Generated from dns-plugin/src/mcs.rs by `UPDATE_CRDS=1 cargo test -p clusterlink-dns`; do not edit.\n{body}"),
         )
     })
     .collect()
@@ -140,7 +140,7 @@ mod tests {
             let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 on_disk == text,
-                "{} is out of date; regenerate with `UPDATE_CRDS=1 cargo test -p clusterlink-api`",
+                "{} is out of date; regenerate with `UPDATE_CRDS=1 cargo test -p clusterlink-dns`",
                 path.display()
             );
         }

@@ -1,13 +1,13 @@
 //! What a handshake initiation from an unknown key costs the gateway's core, within the
 //! DoS gate's limit (a Diffie-Hellman to learn the sender) and past it (MAC1 and a cookie
-//! reply). `cargo bench -p clusterlink-gateway --bench handshake_flood`; see BENCHMARKS.md.
+//! reply). `cargo bench -p clusterlink-gateway-core --bench handshake_flood`; see BENCHMARKS.md.
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 use std::time::Instant;
 
-use clusterlink_gateway::core::GatewayCore;
-use clusterlink_gateway::wg::{self, Output, Session, StaticSecret};
+use clusterlink_gateway_core::core::GatewayCore;
+use clusterlink_gateway_core::wg::{self, Output, Session, StaticSecret};
 
 fn key(seed: u64) -> StaticSecret {
     let mut b = [0u8; 32];

@@ -1,20 +1,26 @@
-//! Client side of the broker: the files an operator hands around (broker-info, credentials)
-//! and a TLS connection to the broker.
+//! The files an operator hands around: broker-info (`deploy-broker`, `broker token create`;
+//! read by `join`) and credentials (`join`, `deploy-broker`'s admin.yaml; read by every
+//! component). Each is parsed and checked once, at load.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clusterlink_api::{ClusterId, MAX_MESSAGE_BYTES, proto::broker_client::BrokerClient};
+use clusterlink_api::ClusterId;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::pki::BROKER_SERVER_NAME;
+use crate::fs::write_atomic;
 
 pub const API_VERSION: &str = "clusterlink.dev/v1alpha1";
 
+/// The largest broker-info or credentials file read (they are a few KiB): a path to
+/// something else (`/dev/zero`, a log) is refused instead of read forever.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 #[derive(Debug, Error)]
-pub enum ClientError {
+pub enum FileError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -39,14 +45,50 @@ pub enum ClientError {
     Expired { path: PathBuf, at: String },
     #[error("invalid broker address {address:?}: {reason}")]
     Address { address: String, reason: String },
-    #[error(
-        "cannot reach the broker at {address}: {source}; check that it runs (clusterlink broker run) and that the address is reachable from here"
-    )]
-    Connect {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+}
+
+/// Who a credentials file speaks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Identity {
+    /// The broker's operator (`DATA_DIR/admin.yaml`).
+    Admin,
+    /// A member cluster (written by `join`).
+    Cluster(ClusterId),
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Admin => f.write_str("admin"),
+            Identity::Cluster(id) => write!(f, "{id}"),
+        }
+    }
+}
+
+impl FromStr for Identity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "admin" {
+            return Ok(Identity::Admin);
+        }
+        s.parse::<ClusterId>()
+            .map(Identity::Cluster)
+            .map_err(|_| format!("identity {s:?} is neither admin nor a cluster ID"))
+    }
+}
+
+impl TryFrom<String> for Identity {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Identity> for String {
+    fn from(i: Identity) -> Self {
+        i.to_string()
+    }
 }
 
 /// What `deploy-broker` writes and `join` reads: where the broker is, how to trust it, and a
@@ -73,14 +115,13 @@ pub struct Credentials {
     pub kind: String,
     pub address: String,
     pub ca_certificate: String,
-    /// "admin" or the cluster ID.
-    pub identity: String,
+    pub identity: Identity,
     pub certificate: String,
     pub private_key: String,
 }
 
 pub fn rfc3339_from_unix_ms(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs());
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -90,11 +131,11 @@ fn check_pem(
     field: &str,
     pem: &str,
     tag: &str,
-) -> Result<(), ClientError> {
+) -> Result<(), FileError> {
     if pem.contains(&format!("-----BEGIN {tag}")) && pem.contains(&format!("-----END {tag}")) {
         Ok(())
     } else {
-        Err(ClientError::Malformed {
+        Err(FileError::Malformed {
             path: path.to_owned(),
             kind,
             reason: format!("{field} is not a PEM {tag}"),
@@ -103,8 +144,8 @@ fn check_pem(
 }
 
 /// Checks HOST:PORT.
-pub fn check_address(address: &str) -> Result<(), ClientError> {
-    let bad = |reason: &str| ClientError::Address {
+pub fn check_address(address: &str) -> Result<(), FileError> {
+    let bad = |reason: &str| FileError::Address {
         address: address.to_owned(),
         reason: reason.to_owned(),
     };
@@ -121,15 +162,37 @@ pub fn check_address(address: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Reads a small text file, refusing one over [`MAX_FILE_BYTES`].
+pub fn read_bounded(path: &Path, kind: &'static str) -> Result<String, FileError> {
+    use std::io::Read;
+    let rerr = |source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(rerr)?;
+    let mut text = String::new();
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(rerr)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(FileError::Malformed {
+            path: path.to_owned(),
+            kind,
+            reason: format!(
+                "it is larger than {} KiB; is this the right file?",
+                MAX_FILE_BYTES / 1024
+            ),
+        });
+    }
+    Ok(text)
+}
+
 fn read_yaml<T: for<'de> Deserialize<'de>>(
     path: &Path,
     kind: &'static str,
-) -> Result<T, ClientError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ClientError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    serde_saphyr::from_str(&text).map_err(|e| ClientError::Malformed {
+) -> Result<T, FileError> {
+    let text = read_bounded(path, kind)?;
+    serde_saphyr::from_str(&text).map_err(|e| FileError::Malformed {
         path: path.to_owned(),
         kind,
         reason: e.to_string(),
@@ -141,9 +204,9 @@ fn check_header(
     kind: &'static str,
     api_version: &str,
     got_kind: &str,
-) -> Result<(), ClientError> {
+) -> Result<(), FileError> {
     if api_version != API_VERSION || got_kind != kind {
-        return Err(ClientError::Malformed {
+        return Err(FileError::Malformed {
             path: path.to_owned(),
             kind,
             reason: format!(
@@ -162,9 +225,9 @@ fn check_common(
     got_kind: &str,
     address: &str,
     ca: &str,
-) -> Result<(), ClientError> {
+) -> Result<(), FileError> {
     check_header(path, kind, api_version, got_kind)?;
-    check_address(address).map_err(|e| ClientError::Malformed {
+    check_address(address).map_err(|e| FileError::Malformed {
         path: path.to_owned(),
         kind,
         reason: e.to_string(),
@@ -172,36 +235,16 @@ fn check_common(
     check_pem(path, kind, "caCertificate", ca, "CERTIFICATE")
 }
 
-/// Writes `contents` to `path` with `mode`, atomically (temp file + rename).
-pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ClientError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let werr = |source| ClientError::Write {
+/// Serializes `v` as YAML and writes it to `path` atomically with `mode`; an error never
+/// leaves an empty or partial file behind.
+pub fn write_yaml<T: Serialize>(path: &Path, v: &T, mode: u32) -> Result<(), FileError> {
+    let werr = |source| FileError::Write {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(werr)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(werr)?;
-    f.write_all(contents.as_bytes()).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)
-}
-
-/// Serializes for writing to `path`; an error never leaves an empty file behind.
-pub fn to_yaml<T: Serialize>(path: &Path, v: &T) -> Result<String, ClientError> {
-    serde_saphyr::to_string(v).map_err(|e| ClientError::Write {
-        path: path.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    let text =
+        serde_saphyr::to_string(v).map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+    write_atomic(path, text.as_bytes(), mode).map_err(werr)
 }
 
 impl BrokerInfo {
@@ -222,7 +265,7 @@ impl BrokerInfo {
     }
 
     /// Reads and checks a broker-info file; an expired token is an error here already.
-    pub fn read(path: &Path, now: SystemTime) -> Result<Self, ClientError> {
+    pub fn read(path: &Path, now: SystemTime) -> Result<Self, FileError> {
         const KIND: &str = "BrokerInfo";
         let info: BrokerInfo = read_yaml(path, KIND)?;
         check_common(
@@ -234,22 +277,20 @@ impl BrokerInfo {
             &info.ca_certificate,
         )?;
         if !info.token.starts_with("clt1.") || info.token.len() != 5 + 64 {
-            return Err(ClientError::Malformed {
+            return Err(FileError::Malformed {
                 path: path.to_owned(),
                 kind: KIND,
                 reason: "token is not a clusterlink join token (clt1.<64 hex digits>)".into(),
             });
         }
         let expires: SystemTime =
-            humantime::parse_rfc3339(&info.token_expires_at).map_err(|e| {
-                ClientError::Malformed {
-                    path: path.to_owned(),
-                    kind: KIND,
-                    reason: format!("tokenExpiresAt {:?}: {e}", info.token_expires_at),
-                }
+            humantime::parse_rfc3339(&info.token_expires_at).map_err(|e| FileError::Malformed {
+                path: path.to_owned(),
+                kind: KIND,
+                reason: format!("tokenExpiresAt {:?}: {e}", info.token_expires_at),
             })?;
         if now >= expires {
-            return Err(ClientError::Expired {
+            return Err(FileError::Expired {
                 path: path.to_owned(),
                 at: info.token_expires_at.clone(),
             });
@@ -257,14 +298,14 @@ impl BrokerInfo {
         Ok(info)
     }
 
-    pub fn write(&self, path: &Path) -> Result<(), ClientError> {
+    pub fn write(&self, path: &Path) -> Result<(), FileError> {
         // Holds a token: readable by its owner only.
-        write_file(path, &to_yaml(path, self)?, 0o600)
+        write_yaml(path, self, 0o600)
     }
 }
 
 impl Credentials {
-    pub fn new(address: String, ca: String, identity: String, cert: String, key: String) -> Self {
+    pub fn new(address: String, ca: String, identity: Identity, cert: String, key: String) -> Self {
         Self {
             api_version: API_VERSION.into(),
             kind: "Credentials".into(),
@@ -276,7 +317,7 @@ impl Credentials {
         }
     }
 
-    pub fn read(path: &Path) -> Result<Self, ClientError> {
+    pub fn read(path: &Path) -> Result<Self, FileError> {
         const KIND: &str = "Credentials";
         let c: Credentials = read_yaml(path, KIND)?;
         check_common(
@@ -289,66 +330,50 @@ impl Credentials {
         )?;
         check_pem(path, KIND, "certificate", &c.certificate, "CERTIFICATE")?;
         check_pem(path, KIND, "privateKey", &c.private_key, "PRIVATE KEY")?;
-        if c.identity != "admin" && c.identity.parse::<ClusterId>().is_err() {
-            return Err(ClientError::Malformed {
-                path: path.to_owned(),
-                kind: KIND,
-                reason: format!(
-                    "identity {:?} is neither admin nor a cluster ID",
-                    c.identity
-                ),
-            });
-        }
         Ok(c)
     }
 
-    pub fn write(&self, path: &Path) -> Result<(), ClientError> {
-        write_file(path, &to_yaml(path, self)?, 0o600)
+    /// The cluster these credentials speak for; `None` for the admin's.
+    pub fn cluster(&self) -> Option<&ClusterId> {
+        match &self.identity {
+            Identity::Cluster(id) => Some(id),
+            Identity::Admin => None,
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), FileError> {
+        write_yaml(path, self, 0o600)
     }
 }
 
-/// Connects to the broker at `address`, trusting `ca_pem`, presenting `identity` if given.
-pub async fn connect(
-    address: &str,
-    ca_pem: &str,
-    identity: Option<(&str, &str)>,
-) -> Result<BrokerClient<Channel>, ClientError> {
-    check_address(address)?;
-    let mut tls = ClientTlsConfig::new()
-        .domain_name(BROKER_SERVER_NAME)
-        .ca_certificate(Certificate::from_pem(ca_pem));
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    let cerr = |source| ClientError::Connect {
-        address: address.to_owned(),
-        source,
-    };
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .map_err(|e| ClientError::Address {
-            address: address.to_owned(),
-            reason: e.to_string(),
-        })?
-        .tls_config(tls)
-        .map_err(cerr)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(cerr)?;
-    Ok(BrokerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Connects with a credentials file's identity.
-pub async fn connect_with(creds: &Credentials) -> Result<BrokerClient<Channel>, ClientError> {
-    connect(
-        &creds.address,
-        &creds.ca_certificate,
-        Some((&creds.certificate, &creds.private_key)),
-    )
-    .await
+    #[test]
+    fn identities_parse_once() {
+        assert_eq!("admin".parse::<Identity>().unwrap(), Identity::Admin);
+        assert_eq!(
+            "east".parse::<Identity>().unwrap(),
+            Identity::Cluster("east".parse().unwrap())
+        );
+        let e = "East_1".parse::<Identity>().unwrap_err();
+        assert!(e.contains("neither admin nor a cluster ID"), "{e}");
+        assert_eq!(Identity::Admin.to_string(), "admin");
+    }
+
+    #[test]
+    fn a_huge_file_is_refused_not_read_whole() {
+        let e = Credentials::read(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn addresses_need_a_host_and_a_port() {
+        assert!(check_address("broker:7443").is_ok());
+        assert!(check_address("[::1]:7443").is_ok());
+        for bad in ["broker", ":7443", "broker:0", "broker:http"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -569,7 +569,7 @@ impl Lab {
             command: format!("a broker call as cluster {}", c.name),
             stderr,
         };
-        let creds = clusterlink_broker::client::Credentials::read(&c.credentials)
+        let creds = clusterlink_broker_client::Credentials::read(&c.credentials)
             .map_err(|e| err(e.to_string()))?;
         c.nodes[0]
             .node
@@ -580,7 +580,7 @@ impl Lab {
                     .build()
                     .map_err(|e| e.to_string())?;
                 rt.block_on(async move {
-                    let client = clusterlink_broker::client::connect_with(&creds)
+                    let client = clusterlink_broker_client::connect_with(&creds)
                         .await
                         .map_err(|e| e.to_string())?;
                     call(client).await.map_err(|s| s.message().to_owned())

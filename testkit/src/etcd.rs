@@ -1,12 +1,14 @@
-//! Helpers for tests and benchmarks that need a real etcd: Debian's etcd-server, started on
-//! loopback on free ports in a temporary directory, and killed when dropped.
+//! A throwaway etcd for tests and benchmarks: Debian's etcd-server, single member, on
+//! loopback ports leased for its lifetime, in a temporary directory; killed when dropped.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::ports::PortLease;
+use crate::process::ProcessGuard;
 
 #[derive(Debug, Error)]
 pub enum EtcdHarnessError {
@@ -24,65 +26,41 @@ pub enum EtcdHarnessError {
         timeout: Duration,
         log: String,
     },
-    #[error("io: {0}")]
+    #[error("cannot prepare etcd's directory or ports: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// A throwaway single-member etcd on loopback.
 pub struct EtcdServer {
-    child: Child,
+    // Field order is drop order: the process first, then its ports and directory.
+    child: ProcessGuard,
+    _ports: [PortLease; 2],
     dir: tempfile::TempDir,
     pub client_port: u16,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl EtcdServer {
     /// Starts etcd without fsync (tests: speed over durability) and waits until it answers.
     pub fn start() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(false, free_port)
+        Self::start_with(false)
     }
 
     /// Starts etcd with fsync on every commit, as in production (benchmarks).
     pub fn start_durable() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(true, free_port)
+        Self::start_with(true)
     }
 
-    /// The ports are free when chosen but not held: another test's etcd, or any outgoing
-    /// connection's local port, can take one before etcd binds it. etcd then exits with
-    /// "address already in use", and it is started again on other ports.
-    fn start_with(
-        durable: bool,
-        mut port: impl FnMut() -> std::io::Result<u16>,
-    ) -> Result<Self, EtcdHarnessError> {
-        const ATTEMPTS: usize = 5;
-        let mut attempt = 1;
-        loop {
-            match Self::start_once(durable, port()?, port()?) {
-                Err(EtcdHarnessError::NotReady { log, .. })
-                    if attempt < ATTEMPTS && log.contains("address already in use") =>
-                {
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    fn start_once(
-        durable: bool,
-        client_port: u16,
-        peer_port: u16,
-    ) -> Result<Self, EtcdHarnessError> {
+    fn start_with(durable: bool) -> Result<Self, EtcdHarnessError> {
         let binary = std::env::var("CLUSTERLINK_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = PortLease::new()?;
+        let peer = PortLease::new()?;
+        let client_port = client.port();
         let dir = tempfile::Builder::new()
             .prefix("clusterlink-etcd-")
             .tempdir()?;
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;
         let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let peer_url = format!("http://127.0.0.1:{}", peer.port());
         let mut cmd = Command::new(&binary);
         if !durable {
             cmd.arg("--unsafe-no-fsync");
@@ -101,7 +79,8 @@ impl EtcdServer {
             .spawn()
             .map_err(|source| EtcdHarnessError::Spawn { binary, source })?;
         let mut server = EtcdServer {
-            child,
+            child: ProcessGuard::new(child),
+            _ports: [client, peer],
             dir,
             client_port,
         };
@@ -109,6 +88,7 @@ impl EtcdServer {
         Ok(server)
     }
 
+    /// The store URL a broker takes (`--store`).
     pub fn url(&self) -> String {
         format!("etcd://127.0.0.1:{}", self.client_port)
     }
@@ -118,7 +98,7 @@ impl EtcdServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), EtcdHarnessError> {
@@ -126,13 +106,10 @@ impl EtcdServer {
         let endpoint = format!("127.0.0.1:{}", self.client_port);
         loop {
             // Ready means the HTTP health endpoint says so, not just that the port is open.
-            if let Ok(out) = health(&endpoint)
-                && out.contains("\"health\":\"true\"")
-            {
+            if health(&endpoint).is_ok_and(|out| out.contains("\"health\":\"true\"")) {
                 return Ok(());
             }
-            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
-            if exited || Instant::now() >= deadline {
+            if self.child.try_wait().is_some() || Instant::now() >= deadline {
                 return Err(EtcdHarnessError::NotReady {
                     endpoint,
                     timeout,
@@ -155,40 +132,24 @@ fn health(endpoint: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_port_taken_before_etcd_binds_it_is_tried_again_elsewhere() {
-        // The first client port handed out is held, as if another process took it after it
-        // was chosen; the next ones are free.
-        let held = TcpListener::bind("127.0.0.1:0").unwrap();
-        let taken = held.local_addr().unwrap().port();
-        let mut handed = Vec::new();
-        let etcd = EtcdServer::start_with(false, || {
-            let port = if handed.is_empty() {
-                taken
-            } else {
-                free_port()?
-            };
-            handed.push(port);
-            Ok(port)
-        })
-        .expect("etcd starts on the second ports");
-        assert_eq!(
-            handed.len(),
-            4,
-            "two ports per attempt, two attempts: {handed:?}"
-        );
-        assert_ne!(etcd.client_port, taken);
-        assert!(health(&format!("127.0.0.1:{}", etcd.client_port)).is_ok());
+    fn etcds_started_at_once_get_ports_of_their_own_and_answer() {
+        let servers: Vec<EtcdServer> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3).map(|_| s.spawn(EtcdServer::start)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().expect("etcd starts"))
+                .collect()
+        });
+        let ports: std::collections::BTreeSet<u16> =
+            servers.iter().map(|e| e.client_port).collect();
+        assert_eq!(ports.len(), 3);
+        for e in &servers {
+            assert!(health(&format!("127.0.0.1:{}", e.client_port)).is_ok());
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use clusterlink_e2e::{ClusterSpec, Testbed, Topology, wait_until};
+use clusterlink_lab::{ClusterSpec, Testbed, Topology, wait_until};
 
 fn spec(name: &str, nat: bool) -> ClusterSpec {
     ClusterSpec {
@@ -48,7 +48,7 @@ fn host_state() -> String {
         .collect()
 }
 
-fn ping(from: &clusterlink_e2e::Netns, to: &str) -> bool {
+fn ping(from: &clusterlink_lab::Netns, to: &str) -> bool {
     from.exec("ping", &["-c1", "-W1", to]).is_ok()
 }
 

@@ -277,7 +277,10 @@ impl GatewayCore {
     /// Where each peer was last authenticated from: the addresses worth a socket of their
     /// own. Candidate addresses still being tried, and senders that are not peers, are not.
     pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.peers.values().filter_map(|p| p.endpoint)
+        self.by_name
+            .values()
+            .filter_map(|i| self.peers.get(i))
+            .filter_map(|p| p.endpoint)
     }
 
     /// Changes whenever [`endpoints`](Self::endpoints) may have: compare it to the last
