@@ -1,7 +1,6 @@
 //! `clusterlink`: the one binary. This file only parses and dispatches.
 
 mod cmd;
-mod output;
 
 use clap::{Parser, Subcommand};
 
@@ -52,9 +51,6 @@ enum Command {
     /// A multi-cluster lab from network namespaces on this host (root).
     #[command(subcommand)]
     Lab(cmd::lab::LabCommand),
-    /// Measure clusterlink on this machine.
-    #[command(subcommand)]
-    Benchmark(cmd::benchmark::BenchmarkCommand),
 }
 
 #[allow(clippy::print_stderr)] // the binary reports its error on stderr
@@ -83,7 +79,6 @@ fn main() -> std::process::ExitCode {
             Command::Export(c) => cmd::export::export(c).await,
             Command::Unexport(c) => cmd::export::unexport(c).await,
             Command::Show(c) => cmd::show::run(c).await,
-            Command::Benchmark(c) => cmd::benchmark::run(c).await,
             Command::Lab(c) => cmd::lab::run(c).await,
         }
     });

@@ -18,12 +18,19 @@ pub trait Tabular: Serialize {
     fn row(&self) -> Vec<String>;
 }
 
+/// One value as JSON or YAML (a table takes [`render`]; here it is JSON).
+pub fn serialize<T: Serialize>(value: &T, format: Format) -> Result<String> {
+    Ok(match format {
+        Format::Yaml => serde_saphyr::to_string(value).context("Failed to encode YAML")?,
+        Format::Json | Format::Table => {
+            serde_json::to_string_pretty(value).context("Failed to encode JSON")? + "\n"
+        }
+    })
+}
+
 pub fn render<T: Tabular>(items: &[T], format: Format) -> Result<String> {
     Ok(match format {
-        Format::Json => {
-            serde_json::to_string_pretty(items).context("Failed to encode JSON")? + "\n"
-        }
-        Format::Yaml => serde_saphyr::to_string(&items).context("Failed to encode YAML")?,
+        Format::Json | Format::Yaml => serialize(&items, format)?,
         Format::Table => {
             let mut t = comfy_table::Table::new();
             t.load_style(comfy_table::presets::NOTHING);

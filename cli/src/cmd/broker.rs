@@ -15,7 +15,7 @@ use clusterlink_broker_client::{BrokerInfo, Credentials, check_address, connect_
 use tracing::info;
 
 use super::{CredentialsArg, call};
-use crate::output::print;
+use clusterlink_cli::output::print;
 
 #[derive(Args)]
 pub struct DeployArgs {
@@ -218,17 +218,7 @@ async fn run_broker(a: RunArgs) -> Result<()> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
+pub use clusterlink_cli::shutdown_signal;
 
 async fn revoke(a: RevokeArgs) -> Result<()> {
     let creds = a.credentials.load()?;

@@ -15,41 +15,6 @@ use super::broker::shutdown_signal;
 pub enum DnsCommand {
     /// Answer the cluster set's zone (UDP and TCP) until SIGINT or SIGTERM.
     Run(RunArgs),
-    /// Serve N synthetic services without a broker (`benchmark dns` uses it).
-    #[command(hide = true)]
-    ServeFixed(FixedArgs),
-}
-
-#[derive(Args)]
-pub struct FixedArgs {
-    #[arg(long, default_value_t = 10_000)]
-    pub names: u32,
-    #[arg(long, default_value = "127.0.0.1:53")]
-    pub listen: SocketAddr,
-}
-
-/// N ClusterSetIP services `svcI.demo` of the local cluster `a`, at 10.100.x.y.
-fn synthetic(names: u32) -> Result<clusterlink_dns::answer::View> {
-    let mut view = clusterlink_dns::answer::View {
-        local: Some("a".parse()?),
-        ..Default::default()
-    };
-    for i in 0..names {
-        view.insert(clusterlink_api::ServiceRecord {
-            cluster: "a".parse()?,
-            namespace: "demo".parse()?,
-            name: format!("svc{i}").parse()?,
-            service_type: clusterlink_api::ServiceType::ClusterSetIP,
-            ports: Vec::new(),
-            ips: vec![
-                std::net::Ipv4Addr::new(10, 100, ((i >> 8) & 0xff) as u8, (i & 0xff) as u8).into(),
-            ],
-            endpoints: Vec::new(),
-            ready: true,
-            exported_at_unix_ms: 0,
-        });
-    }
-    Ok(view)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,18 +75,6 @@ pub async fn run(c: DnsCommand) -> Result<()> {
             run_dns(config, a.credentials.load()?, shutdown_signal())
                 .await
                 .context("DNS plugin failed")
-        }
-        DnsCommand::ServeFixed(a) => {
-            let config = DnsConfig {
-                listen: a.listen,
-                zone: "clusterset.local".into(),
-                ttl: 5,
-                policy: Policy::RoundRobin,
-                controllers: None,
-            };
-            clusterlink_dns::server::serve_fixed(config, synthetic(a.names)?, shutdown_signal())
-                .await
-                .context("DNS server failed")
         }
     }
 }

@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use clusterlink_api::DnsLabel;
 use clusterlink_dns::manifests::{export_file, export_manifest};
 
-use crate::output::print;
+use clusterlink_cli::output::print;
 
 #[derive(Subcommand)]
 pub enum ExportCommand {

@@ -11,7 +11,7 @@ use clusterlink_broker::pki::new_client_key;
 use clusterlink_broker_client::{BrokerInfo, Credentials, connect};
 
 use super::call;
-use crate::output::print;
+use clusterlink_cli::output::print;
 
 #[derive(Args)]
 pub struct JoinArgs {

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clusterlink_api::DnsLabel;
 use clusterlink_dns::kube_source::{self, Outcome};
 
-use crate::output::print;
+use clusterlink_cli::output::print;
 
 async fn client() -> Result<kube::Client> {
     kube::Client::try_default().await.context(

@@ -11,7 +11,7 @@ use clusterlink_lab::netns::{ip, remove_namespace, sweep_stale};
 use clusterlink_lab::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
 
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
 
 const NAMES: [&str; 8] = [
     "east", "west", "north", "south", "central", "edge", "core", "metro",

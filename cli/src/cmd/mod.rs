@@ -1,8 +1,3 @@
-pub mod bench_dns;
-pub mod bench_failover;
-pub mod bench_routes;
-pub mod bench_tunnel;
-pub mod benchmark;
 pub mod broker;
 pub mod dns;
 pub mod export;

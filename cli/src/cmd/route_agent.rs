@@ -136,7 +136,7 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
             )
             .await
             .context("Route agent cleanup failed")?;
-            crate::output::print(&format!(
+            clusterlink_cli::output::print(&format!(
                 "Removed {removed} routes of table {}, the rule of priority {} and link {} (whichever were there).\n",
                 a.own.table, a.own.rule_priority, a.own.overlay_device
             ));

@@ -9,7 +9,7 @@ use clusterlink_broker_client::{connect_with, rfc3339_from_unix_ms};
 use serde::Serialize;
 
 use super::{CredentialsArg, call};
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
 
 #[derive(Subcommand)]
 pub enum ShowCommand {

@@ -1,8 +1,8 @@
-//! `clusterlink benchmark dns`: the DNS plugin next to Knot DNS, and service discovery's
+//! `clusterlink-bench dns`: the DNS plugin next to Knot DNS, and service discovery's
 //! reaction times in a lab.
 //!
-//! 1. dnsperf against our server (`clusterlink dns serve-fixed`: the same handler as `dns
-//!    run`, with N exported services and no broker) and against Knot DNS (Debian's knotd)
+//! 1. dnsperf against our server (`clusterlink-bench serve-dns`: the DNS plugin's handler,
+//!    the one `clusterlink dns run` serves with, over N exported services and no broker) and against Knot DNS (Debian's knotd)
 //!    serving a zone file with the same N names, one after the other, each in a namespace of
 //!    its own on loopback: queries/s and average latency.
 //! 2. In a three-cluster lab: export a new service in one cluster and time until a pod in
@@ -18,8 +18,10 @@ use clusterlink_lab::lab::resolve;
 use clusterlink_lab::{ClusterSpec, Lab, Netns, Testbed, wait_until};
 use serde::Serialize;
 
-use super::bench_tunnel::progress;
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
+
+use crate::progress;
+use crate::stats::{max, median};
 
 #[derive(Args)]
 pub struct DnsBenchArgs {
@@ -89,19 +91,93 @@ impl Tabular for Timing {
     }
 }
 
-pub fn run_dns_bench(a: DnsBenchArgs) -> Result<()> {
+pub fn run(a: DnsBenchArgs, bin: &Path) -> Result<()> {
     let servers = servers(&a)?;
-    print(&format!(
-        "DNS servers, {} names, dnsperf {} s with {} clients each:\n",
-        a.names, a.seconds, a.clients
-    ));
-    print(&render(&servers, a.output)?);
-    if a.rounds > 0 {
-        let timings = discovery(a.rounds as usize)?;
-        print("\nService discovery across clusters (lab, 3 clusters):\n");
-        print(&render(&timings, a.output)?);
+    let timings = if a.rounds > 0 {
+        discovery(bin, a.rounds as usize)?
+    } else {
+        Vec::new()
+    };
+    match a.output {
+        Format::Table => {
+            print(&format!(
+                "DNS servers, {} names, dnsperf {} s with {} clients each:\n",
+                a.names, a.seconds, a.clients
+            ));
+            print(&render(&servers, a.output)?);
+            if !timings.is_empty() {
+                print("\nService discovery across clusters (lab, 3 clusters):\n");
+                print(&render(&timings, a.output)?);
+            }
+        }
+        // One document on stdout, nothing else.
+        Format::Json | Format::Yaml => {
+            #[derive(Serialize)]
+            struct Report<'a> {
+                servers: &'a [ServerResult],
+                discovery: &'a [Timing],
+            }
+            let report = Report {
+                servers: &servers,
+                discovery: &timings,
+            };
+            print(&clusterlink_cli::output::serialize(&report, a.output)?);
+        }
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Synthetic ClusterSetIP services `svcI.demo` of the local cluster, at 10.100.x.y.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub names: u32,
+    #[arg(long, default_value = "127.0.0.1:53")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// The DNS plugin's answer path (`clusterlink_dns::server`, as `dns run` serves it) over N
+/// synthetic services, until SIGINT or SIGTERM.
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let config = clusterlink_dns::server::DnsConfig {
+        listen: a.listen,
+        zone: "clusterset.local".into(),
+        ttl: 5,
+        policy: clusterlink_dns::answer::Policy::RoundRobin,
+        controllers: None,
+    };
+    let view = synthetic(a.names)?;
+    tokio::runtime::Runtime::new()
+        .context("Cannot start the async runtime")?
+        .block_on(clusterlink_dns::server::serve_fixed(
+            config,
+            view,
+            clusterlink_cli::shutdown_signal(),
+        ))
+        .context("DNS server failed")
+}
+
+/// N ClusterSetIP services `svcI.demo` of the local cluster `a`, at 10.100.x.y.
+fn synthetic(names: u32) -> Result<clusterlink_dns::answer::View> {
+    let mut view = clusterlink_dns::answer::View {
+        local: Some("a".parse()?),
+        ..Default::default()
+    };
+    for i in 0..names {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        view.insert(clusterlink_api::ServiceRecord {
+            cluster: "a".parse()?,
+            namespace: "demo".parse()?,
+            name: format!("svc{i}").parse()?,
+            service_type: clusterlink_api::ServiceType::ClusterSetIP,
+            ports: Vec::new(),
+            ips: vec![std::net::Ipv4Addr::new(10, 100, hi, lo).into()],
+            endpoints: Vec::new(),
+            ready: true,
+            exported_at_unix_ms: 0,
+        });
+    }
+    Ok(view)
 }
 
 fn dnsperf(ns: &Netns, port: u16, queries: &Path, a: &DnsBenchArgs) -> Result<(f64, f64, u64)> {
@@ -162,7 +238,8 @@ fn servers(a: &DnsBenchArgs) -> Result<Vec<ServerResult>> {
     }
     std::fs::write(&queries, q)?;
     std::fs::write(&zone_file, z)?;
-    let bin = std::env::current_exe()?.display().to_string();
+    // Our server is this binary's `serve-dns`: the DNS plugin's handler, linked here.
+    let bench = std::env::current_exe()?.display().to_string();
     let mut out = Vec::new();
 
     progress("our DNS plugin");
@@ -170,12 +247,11 @@ fn servers(a: &DnsBenchArgs) -> Result<Vec<ServerResult>> {
     let pid = bed.spawn(
         &ours,
         "dns-ours",
-        &bin,
+        &bench,
         &[
             "--log",
             "warn",
-            "dns",
-            "serve-fixed",
+            "serve-dns",
             "--names",
             &a.names.to_string(),
             "--listen",
@@ -247,16 +323,10 @@ fn measure(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn discovery(rounds: usize) -> Result<Vec<Timing>> {
-    let bin = std::env::current_exe()?;
+fn discovery(bin: &Path, rounds: usize) -> Result<Vec<Timing>> {
     let specs = ClusterSpec::many(&["a", "b", "c"], 1, &[]);
     progress("a three-cluster lab");
-    let lab = Lab::up(&bin, &specs, &|s| progress(s))?;
+    let lab = Lab::up(bin, &specs, &|s| progress(s))?;
     lab.wait_connected(Duration::from_secs(60))?;
     lab.wait_services(Duration::from_secs(30))?;
     let from = lab.worker(0).pod.ns();
@@ -296,19 +366,18 @@ fn discovery(rounds: usize) -> Result<Vec<Timing>> {
         )?;
         withdrawn.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     Ok(vec![
         Timing {
             what: "export (ServiceExport written) to resolvable from another cluster".into(),
             rounds,
             max_ms: max(&exported),
-            median_ms: median(exported),
+            median_ms: median(exported).unwrap_or(0.0),
         },
         Timing {
             what: "endpoint unready to withdrawn from another cluster's answers".into(),
             rounds,
             max_ms: max(&withdrawn),
-            median_ms: median(withdrawn),
+            median_ms: median(withdrawn).unwrap_or(0.0),
         },
     ])
 }

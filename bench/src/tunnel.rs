@@ -1,4 +1,4 @@
-//! `clusterlink benchmark tunnel`: throughput (iperf3, one TCP stream) and RTT (ping) between
+//! `clusterlink-bench tunnel`: throughput (iperf3, one TCP stream) and RTT (ping) between
 //! two namespaces over one veth pair: bare, through clusterlink's gateway, through Debian's
 //! wireguard-go, and through boringtun-cli, in one run.
 //!
@@ -18,13 +18,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use clusterlink_lab::netns::run;
+use clusterlink_lab::netns::run as run_command;
 use clusterlink_lab::{Netns, Testbed, wait_until};
 use serde::Serialize;
 
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
+
+use crate::probe::{PingStats, iperf, pings};
+use crate::progress;
+use crate::stats::median;
 
 #[derive(Args)]
 pub struct TunnelBenchArgs {
@@ -86,86 +90,6 @@ impl Tabular for PathResult {
     }
 }
 
-#[allow(clippy::print_stderr)]
-pub(crate) fn progress(s: &str) {
-    eprintln!("benchmark: {s}");
-}
-
-/// One TCP stream for `seconds`; Gbit/s received.
-pub(crate) fn iperf(
-    client: &Netns,
-    server: &Netns,
-    bed: &Testbed,
-    addr: &str,
-    seconds: u32,
-) -> Result<f64> {
-    let pid = bed.spawn(
-        server,
-        &format!("iperf3-{addr}"),
-        "iperf3",
-        &["-s", "-1", "-B", addr],
-    )?;
-    wait_until("iperf3 to listen", Duration::from_secs(10), || {
-        server
-            .exec("ss", &["-Htln", "sport", "= :5201"])
-            .is_ok_and(|o| !o.stdout.is_empty())
-    })?;
-    let out = client.exec("iperf3", &["-c", addr, "-t", &seconds.to_string(), "-J"]);
-    bed.kill(pid);
-    let out = out?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .ok_or_else(|| anyhow!("iperf3 reported no throughput"))
-}
-
-/// Average RTT in ms over 200 pings, 10 ms apart.
-pub(crate) fn rtt(client: &Netns, addr: &str) -> Result<f64> {
-    Ok(pings(client, addr, 200)?.avg_ms)
-}
-
-/// What `ping` reports of `count` pings, 10 ms apart.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct PingStats {
-    pub min_ms: f64,
-    pub avg_ms: f64,
-}
-
-pub(crate) fn pings(client: &Netns, addr: &str, count: u32) -> Result<PingStats> {
-    let out = client.exec(
-        "ping",
-        &[
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-            addr,
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    parse_ping(&text).ok_or_else(|| anyhow!("cannot read ping's RTT from: {text}"))
-}
-
-/// Reads `rtt min/avg/max/mdev = a/b/c/d ms` from ping's summary.
-fn parse_ping(text: &str) -> Option<PingStats> {
-    let values = text
-        .lines()
-        .find(|l| l.contains("min/avg/max"))?
-        .split('=')
-        .nth(1)?
-        .trim()
-        .trim_end_matches(" ms");
-    let mut v = values.split('/').map(|x| x.parse::<f64>().ok());
-    Some(PingStats {
-        min_ms: v.next()??,
-        avg_ms: v.next()??,
-    })
-}
-
 /// One line of progress for a round: each path with its figure.
 fn rounds_progress(
     what: &str,
@@ -181,21 +105,6 @@ fn rounds_progress(
         .map(|(p, f)| format!("{} {f:.decimals$}", p.path))
         .collect();
     progress(&format!("{what} round {round}/{of}: {}", line.join(", ")));
-}
-
-/// The median (the mean of the middle two for an even count); `None` for no values.
-fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
 }
 
 fn with_stdin(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>> {
@@ -226,7 +135,7 @@ fn wg_pair(
     let dir = &bed.log_dir;
     let mut keys = Vec::new();
     for side in ["l", "r"] {
-        let key = run(Command::new("wg").arg("genkey"))?.stdout;
+        let key = run_command(Command::new("wg").arg("genkey"))?.stdout;
         let path = dir.join(format!("{tag}-{side}.key"));
         std::fs::write(&path, &key)?;
         let public = String::from_utf8(with_stdin("wg", &["pubkey"], &key)?)?;
@@ -263,7 +172,7 @@ fn wg_pair(
     Ok(())
 }
 
-pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
+pub fn run(a: TunnelBenchArgs, bin: &Path) -> Result<()> {
     let bed = Testbed::new().context("the benchmark needs root")?;
     let l = bed.namespace("bench-l")?;
     let r = bed.namespace("bench-r")?;
@@ -288,12 +197,14 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     add("veth (no tunnel)", "10.99.0.2");
 
     // clusterlink: a broker in bench-l, both sides joined, a gateway on each.
-    let bin = std::env::current_exe()?.display().to_string();
+    let bin = bin.display().to_string();
     let dir = bed.log_dir.clone();
-    run(Command::new(&bin)
-        .args(["deploy-broker", "--data-dir"])
-        .arg(dir.join("broker"))
-        .args(["--listen", "10.99.0.1:7443"]))?;
+    run_command(
+        Command::new(&bin)
+            .args(["deploy-broker", "--data-dir"])
+            .arg(dir.join("broker"))
+            .args(["--listen", "10.99.0.1:7443"]),
+    )?;
     bed.spawn(
         &l,
         "broker",
@@ -469,36 +380,4 @@ pub fn run_tunnel_bench(a: TunnelBenchArgs) -> Result<()> {
     }
     print(&render(&results, a.output)?);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
-        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
-        assert_eq!(median([5.0, f64::NAN].into_iter()), Some(5.0));
-        assert_eq!(median(std::iter::empty()), None);
-    }
-
-    #[test]
-    fn ping_summary_is_read() {
-        let text = "--- 10.2.255.1 ping statistics ---\n\
-                    100 packets transmitted, 100 received, 0% packet loss, time 1010ms\n\
-                    rtt min/avg/max/mdev = 0.058/0.131/0.225/0.027 ms\n";
-        assert_eq!(
-            parse_ping(text),
-            Some(PingStats {
-                min_ms: 0.058,
-                avg_ms: 0.131
-            })
-        );
-        // Every ping lost: no summary line, no figures.
-        assert_eq!(
-            parse_ping("100 packets transmitted, 0 received, 100% packet loss\n"),
-            None
-        );
-    }
 }

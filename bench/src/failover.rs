@@ -1,4 +1,4 @@
-//! `clusterlink benchmark failover`: how long pod-to-pod traffic stops when a cluster's
+//! `clusterlink-bench failover`: how long pod-to-pod traffic stops when a cluster's
 //! active gateway dies.
 //!
 //! A two-cluster lab: `a` with two gateway nodes and a worker, `b` with one gateway and a
@@ -8,6 +8,7 @@
 //! lost; then restarts the dead gateway, which comes back passive, for the next round.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,8 +18,11 @@ use clap::Args;
 use clusterlink_lab::{ClusterSpec, Lab, wait_until};
 use serde::Serialize;
 
-use super::bench_tunnel::progress;
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
+
+use crate::probe::parse_reply;
+use crate::progress;
+use crate::stats::{max, median};
 
 #[derive(Args)]
 pub struct FailoverBenchArgs {
@@ -61,17 +65,6 @@ fn unix_secs(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `[1732650000.123456] 64 bytes from …: icmp_seq=12 ttl=62 time=0.5 ms` → (time, seq).
-fn parse_reply(line: &str) -> Option<(f64, u64)> {
-    let ts = line.strip_prefix('[')?.split(']').next()?.parse().ok()?;
-    let seq = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("icmp_seq="))?
-        .parse()
-        .ok()?;
-    Some((ts, seq))
-}
-
 /// The longest gap between consecutive replies that ends after `since`, and the sequence
 /// numbers missing among the replies.
 fn outage(replies: &[(f64, u64)], since: f64) -> (f64, u64) {
@@ -87,8 +80,7 @@ fn outage(replies: &[(f64, u64)], since: f64) -> (f64, u64) {
     (gap * 1000.0, lost)
 }
 
-pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
-    let bin = std::env::current_exe()?;
+pub fn run(a: FailoverBenchArgs, bin: &Path) -> Result<()> {
     let spec = |name: &str, gateways| ClusterSpec {
         name: name.into(),
         gateways,
@@ -96,7 +88,7 @@ pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
         nat: false,
     };
     progress("building a two-cluster lab (cluster a with two gateways)");
-    let mut lab = Lab::up(&bin, &[spec("a", 2), spec("b", 1)], &progress)
+    let mut lab = Lab::up(bin, &[spec("a", 2), spec("b", 1)], &progress)
         .context("the benchmark needs root")?;
     lab.wait_connected(Duration::from_secs(60))?;
     lab.wait_routes(Duration::from_secs(30))?;
@@ -166,13 +158,12 @@ pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
         killed_last = Some(active);
     }
     print(&render(&rounds, a.output)?);
-    let mut outages: Vec<f64> = rounds.iter().map(|r| r.outage_ms).collect();
-    outages.sort_by(f64::total_cmp);
+    let outages: Vec<f64> = rounds.iter().map(|r| r.outage_ms).collect();
     if matches!(a.output, Format::Table) {
         print(&format!(
             "outage: median {:.0} ms, max {:.0} ms over {} rounds (target: under 1000 ms)\n",
-            outages[outages.len() / 2],
-            outages[outages.len() - 1],
+            median(outages.iter().copied()).unwrap_or(0.0),
+            max(&outages),
             outages.len()
         ));
     }
@@ -182,16 +173,6 @@ pub fn run_failover_bench(a: FailoverBenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replies_are_read_from_ping_output() {
-        let line = "[1732650000.123456] 64 bytes from 10.1.101.10: icmp_seq=12 ttl=62 time=0.5 ms";
-        assert_eq!(parse_reply(line), Some((1732650000.123456, 12)));
-        assert_eq!(
-            parse_reply("PING 10.1.101.10 (10.1.101.10) 56(84) bytes of data."),
-            None
-        );
-    }
 
     #[test]
     fn the_outage_is_the_longest_gap_after_the_kill() {

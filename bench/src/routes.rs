@@ -1,4 +1,4 @@
-//! `clusterlink benchmark routes`: the route agent's cost and the worker-to-gateway hop's.
+//! `clusterlink-bench routes`: the route agent's cost and the worker-to-gateway hop's.
 //!
 //! 1. Programming, in a namespace of its own: the route agent's core and rtnetlink applier
 //!    install routes for N remote CIDRs (via its VXLAN overlay, as on a worker node), then
@@ -22,8 +22,10 @@ use clusterlink_route_agent::core::{self, NodeConfig, NodeFacts, Ownership, Stat
 use clusterlink_route_agent::kernel::Kernel;
 use serde::Serialize;
 
-use super::bench_tunnel::{iperf, progress, rtt};
-use crate::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render};
+
+use crate::probe::{iperf, rtt};
+use crate::progress;
 
 #[derive(Args)]
 pub struct RoutesBenchArgs {
@@ -79,16 +81,37 @@ impl Tabular for PathThroughput {
     }
 }
 
-pub fn run_routes_bench(a: RoutesBenchArgs) -> Result<()> {
+pub fn run(a: RoutesBenchArgs, bin: &Path) -> Result<()> {
     let bed = Testbed::new().context("the benchmark needs root")?;
     let steps = programming(&bed, a.cidrs as usize)?;
-    print("Programming (route agent core + rtnetlink, and iproute2 for reference):\n");
-    print(&render(&steps, a.output)?);
     drop(bed);
-    if a.seconds > 0 {
-        let paths = throughput(a.seconds)?;
-        print("\nThroughput (one TCP stream) and RTT across two clusters:\n");
-        print(&render(&paths, a.output)?);
+    let paths = if a.seconds > 0 {
+        throughput(bin, a.seconds)?
+    } else {
+        Vec::new()
+    };
+    match a.output {
+        Format::Table => {
+            print("Programming (route agent core + rtnetlink, and iproute2 for reference):\n");
+            print(&render(&steps, a.output)?);
+            if !paths.is_empty() {
+                print("\nThroughput (one TCP stream) and RTT across two clusters:\n");
+                print(&render(&paths, a.output)?);
+            }
+        }
+        // One document on stdout, nothing else.
+        Format::Json | Format::Yaml => {
+            #[derive(Serialize)]
+            struct Report<'a> {
+                programming: &'a [Step],
+                throughput: &'a [PathThroughput],
+            }
+            let report = Report {
+                programming: &steps,
+                throughput: &paths,
+            };
+            print(&clusterlink_cli::output::serialize(&report, a.output)?);
+        }
     }
     Ok(())
 }
@@ -315,11 +338,10 @@ fn programming(bed: &Testbed, n: usize) -> Result<Vec<Step>> {
     Ok(steps)
 }
 
-fn throughput(seconds: u32) -> Result<Vec<PathThroughput>> {
-    let bin = std::env::current_exe()?;
+fn throughput(bin: &Path, seconds: u32) -> Result<Vec<PathThroughput>> {
     let specs = ClusterSpec::many(&["a", "b"], 1, &[]);
     progress("a two-cluster lab");
-    let lab = Lab::up(Path::new(&bin), &specs, &|s| progress(s))?;
+    let lab = Lab::up(bin, &specs, &|s| progress(s))?;
     lab.wait_connected(Duration::from_secs(60))?;
     lab.wait_routes(Duration::from_secs(30))?;
     let a_gw = lab.state.clusters[0].nodes[0].node.clone();
