@@ -128,7 +128,8 @@ mod tests {
         let e = clusterlink_bin(Some("/nonexistent/clusterlink".into())).unwrap_err();
         let msg = format!("{e:#}");
         assert!(msg.contains("--clusterlink PATH"), "{msg}");
-        let e = clusterlink_bin(Some("/etc/hostname".into())).unwrap_err();
+        let plain = tempfile::NamedTempFile::new().unwrap();
+        let e = clusterlink_bin(Some(plain.path().into())).unwrap_err();
         assert!(format!("{e:#}").contains("not an executable"), "{e:#}");
     }
 }
