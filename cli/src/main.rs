@@ -114,3 +114,24 @@ fn raise_fd_limit() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// The lab launches `clusterlink` with typed invocations; each must parse here, so a
+    /// renamed or dropped flag fails this test rather than a lab at run time.
+    #[test]
+    fn every_invocation_the_lab_launches_parses() {
+        let examples = clusterlink_lab::invoke::examples();
+        assert!(examples.len() >= 10);
+        for args in examples {
+            let argv = std::iter::once("clusterlink".to_owned()).chain(args.iter().cloned());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("`clusterlink {}` does not parse: {e}", args.join(" "));
+            }
+        }
+    }
+}

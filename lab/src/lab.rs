@@ -6,13 +6,17 @@
 //! Addresses: cluster i (from 1) has pods 10.i.0.0/16 and services 10.(100+i).0.0/16; its
 //! gateway k has tunnel address 10.i.255.(k+1); nodes and pods as in [`crate::topology`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::invoke::{
+    BrokerRun, DeployBroker, DnsRun, EchoServer, ExportService, GatewayRun, Invocation, Join,
+    RouteAgentRun, ShowJson, ShowWhat,
+};
 use crate::netns::{Netns, Testbed, TestbedError, run, wait_until};
 use crate::topology::{ClusterSpec, Node, Role, Topology};
 
@@ -132,18 +136,22 @@ impl Lab {
         progress("building namespaces");
         let topology = Topology::build(&bed, specs)?;
         let dir = bed.log_dir.clone();
-        let broker_address = format!("{}:{BROKER_PORT}", Topology::BROKER_ADDR);
+        let broker_listen = SocketAddr::new(Topology::BROKER_ADDR.into(), BROKER_PORT);
+        let broker_address = broker_listen.to_string();
         progress("deploying the broker (embedded store)");
-        run(Command::new(bin)
-            .args(["deploy-broker", "--data-dir"])
-            .arg(dir.join("broker"))
-            .args(["--listen", &broker_address]))?;
-        let data_dir = dir.join("broker").display().to_string();
+        let data_dir = dir.join("broker");
+        run(Command::new(bin).args(
+            DeployBroker {
+                data_dir: data_dir.clone(),
+                listen: broker_listen,
+            }
+            .args(),
+        ))?;
         let broker_pid = bed.spawn(
             &topology.broker,
             "broker",
             &bin.display().to_string(),
-            &["broker", "run", "--data-dir", &data_dir],
+            &BrokerRun { data_dir }.args(),
         )?;
         let log = bed.log_path("broker");
         wait_until("the broker to serve", Duration::from_secs(20), || {
@@ -158,18 +166,14 @@ impl Lab {
             let credentials = dir.join(format!("{}.yaml", c.name));
             c.nodes[0].ns().exec(
                 &bin.display().to_string(),
-                &[
-                    "join",
-                    &info.display().to_string(),
-                    "--cluster-id",
-                    &c.name,
-                    "--pod-cidr",
-                    &pod_cidr,
-                    "--service-cidr",
-                    &service_cidr,
-                    "-o",
-                    &credentials.display().to_string(),
-                ],
+                &Join {
+                    broker_info: info.clone(),
+                    cluster_id: c.name.clone(),
+                    pod_cidr: pod_cidr.clone(),
+                    service_cidr: service_cidr.clone(),
+                    output: credentials.clone(),
+                }
+                .args(),
             )?;
             let mut gateways = Vec::new();
             for (k, g) in c.gateways().enumerate() {
@@ -179,22 +183,15 @@ impl Lab {
                     &ns(&g.namespace),
                     &g.name,
                     &bin.display().to_string(),
-                    &[
-                        "gateway",
-                        "run",
-                        "--credentials",
-                        &credentials.display().to_string(),
-                        "--node",
-                        &g.name,
-                        "--private-addr",
-                        &g.underlay.to_string(),
-                        "--tunnel-ip",
-                        &tunnel_ip.to_string(),
-                        "--key-file",
-                        &key_file.display().to_string(),
-                        "--tun-name",
-                        TUN,
-                    ],
+                    &GatewayRun {
+                        credentials: credentials.clone(),
+                        node: g.name.clone(),
+                        private_addr: g.underlay.into(),
+                        tunnel_ip: tunnel_ip.into(),
+                        key_file: key_file.clone(),
+                        tun_name: TUN.into(),
+                    }
+                    .args(),
                 )?;
                 gateways.push(LabGateway {
                     node: g.name.clone(),
@@ -207,8 +204,14 @@ impl Lab {
             }
             let mut nodes = Vec::new();
             for n in &c.nodes {
-                let agent_pid =
-                    spawn_agent(&bed, bin, &credentials, n, &format!("{}-agent", n.name))?;
+                let agent_pid = spawn_agent(
+                    &bed,
+                    bin,
+                    &credentials,
+                    n,
+                    &format!("{}-agent", n.name),
+                    false,
+                )?;
                 nodes.push(LabNode {
                     node: n.clone(),
                     agent_pid,
@@ -234,28 +237,31 @@ impl Lab {
                 &echo_node.pod.ns(),
                 &format!("{}-echo", c.name),
                 &bin.display().to_string(),
-                &["lab", "echo-server", "--listen", "0.0.0.0:7"],
+                &EchoServer {
+                    listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 7),
+                }
+                .args(),
             )?;
-            run(Command::new(bin)
-                .args(["export", "service", "echo", "-n", "demo", "--manifests"])
-                .arg(&manifests))?;
+            run(Command::new(bin).args(
+                ExportService {
+                    name: "echo".into(),
+                    namespace: "demo".into(),
+                    manifests: manifests.clone(),
+                }
+                .args(),
+            ))?;
             let dns_address = c.nodes[0].pod_side;
             let dns_pid = bed.spawn(
                 &c.nodes[0].ns(),
                 &format!("{}-dns", c.name),
                 &bin.display().to_string(),
-                &[
-                    "dns",
-                    "run",
-                    "--credentials",
-                    &credentials.display().to_string(),
-                    "--listen",
-                    &format!("{dns_address}:53"),
-                    "--zone",
-                    ZONE,
-                    "--manifests",
-                    &manifests.display().to_string(),
-                ],
+                &DnsRun {
+                    credentials: credentials.clone(),
+                    listen: SocketAddr::new(dns_address.into(), 53),
+                    zone: ZONE.into(),
+                    manifests: manifests.clone(),
+                }
+                .args(),
             )?;
             for n in &c.nodes {
                 n.pod.ns().set_resolver(dns_address.into(), ZONE)?;
@@ -295,16 +301,23 @@ impl Lab {
     }
 
     /// Runs `clusterlink ARGS…` inside the broker's namespace (where the broker is reachable).
-    pub fn clusterlink(&self, args: &[&str]) -> Result<String, TestbedError> {
+    pub fn clusterlink<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+    ) -> Result<String, TestbedError> {
         let out = ns(&self.state.broker_namespace).exec(&self.bin.display().to_string(), args)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `show connections -o json` as the admin.
     pub fn connections(&self) -> Result<Vec<serde_json::Value>, TestbedError> {
-        let admin = self.state.admin_credentials.display().to_string();
-        let out =
-            self.clusterlink(&["show", "connections", "-o", "json", "--credentials", &admin])?;
+        let out = self.clusterlink(
+            &ShowJson {
+                what: ShowWhat::Connections,
+                credentials: self.state.admin_credentials.clone(),
+            }
+            .args(),
+        )?;
         serde_json::from_str(&out).map_err(|e| TestbedError::Command {
             command: "show connections".into(),
             stderr: e.to_string(),
@@ -377,8 +390,13 @@ impl Lab {
 
     /// `show gateways -o json` as the admin.
     pub fn gateways(&self) -> Result<Vec<serde_json::Value>, TestbedError> {
-        let admin = self.state.admin_credentials.display().to_string();
-        let out = self.clusterlink(&["show", "gateways", "-o", "json", "--credentials", &admin])?;
+        let out = self.clusterlink(
+            &ShowJson {
+                what: ShowWhat::Gateways,
+                credentials: self.state.admin_credentials.clone(),
+            }
+            .args(),
+        )?;
         serde_json::from_str(&out).map_err(|e| TestbedError::Command {
             command: "show gateways".into(),
             stderr: e.to_string(),
@@ -456,22 +474,15 @@ impl Lab {
             &ns(&g.namespace),
             &format!("{}-restarted", g.node),
             &self.bin.display().to_string(),
-            &[
-                "gateway",
-                "run",
-                "--credentials",
-                &c.credentials.display().to_string(),
-                "--node",
-                &g.node,
-                "--private-addr",
-                &g.underlay.to_string(),
-                "--tunnel-ip",
-                &g.tunnel_ip.to_string(),
-                "--key-file",
-                &g.key_file.display().to_string(),
-                "--tun-name",
-                TUN,
-            ],
+            &GatewayRun {
+                credentials: c.credentials.clone(),
+                node: g.node.clone(),
+                private_addr: g.underlay.into(),
+                tunnel_ip: g.tunnel_ip.into(),
+                key_file: g.key_file.clone(),
+                tun_name: TUN.into(),
+            }
+            .args(),
         )?;
         self.state.clusters[cluster].gateways[k].pid = pid;
         Ok(())
@@ -498,95 +509,20 @@ impl Lab {
         &mut self,
         cluster: usize,
         node: usize,
-        extra: &[&str],
+        cleanup_on_exit: bool,
     ) -> Result<(), TestbedError> {
         let c = &self.state.clusters[cluster];
         let n = c.nodes[node].node.clone();
-        let pid = spawn_agent_with(
+        let pid = spawn_agent(
             &self.bed,
             &self.bin,
             &c.credentials,
             &n,
             &format!("{}-agent-restarted", n.name),
-            extra,
+            cleanup_on_exit,
         )?;
         self.state.clusters[cluster].nodes[node].agent_pid = pid;
         Ok(())
-    }
-
-    /// Publishes a record as cluster `cluster` (with its credentials, from its first node,
-    /// without a lease), for tests that stand in for one of its components.
-    pub fn publish(
-        &self,
-        cluster: usize,
-        record: clusterlink_api::Record,
-    ) -> Result<(), TestbedError> {
-        self.as_cluster(cluster, move |mut client| async move {
-            client
-                .publish(clusterlink_api::proto::PublishRequest {
-                    record: Some(record.into()),
-                    lease_id: 0,
-                    expected_revision: 0,
-                    create_only: false,
-                })
-                .await
-                .map(|_| ())
-        })
-    }
-
-    /// Withdraws cluster `cluster`'s record of `kind` named `name` (NODE for gateways,
-    /// NAMESPACE/NAME for services).
-    pub fn withdraw(
-        &self,
-        cluster: usize,
-        kind: clusterlink_api::Kind,
-        name: &str,
-    ) -> Result<(), TestbedError> {
-        let name = name.to_owned();
-        self.as_cluster(cluster, move |mut client| async move {
-            client
-                .withdraw(clusterlink_api::proto::WithdrawRequest {
-                    kind: kind.to_proto() as i32,
-                    name,
-                })
-                .await
-                .map(|_| ())
-        })
-    }
-
-    /// Runs one broker call with cluster `cluster`'s credentials, from its first node.
-    fn as_cluster<F, Fut>(&self, cluster: usize, call: F) -> Result<(), TestbedError>
-    where
-        F: FnOnce(
-                clusterlink_api::proto::broker_client::BrokerClient<tonic::transport::Channel>,
-            ) -> Fut
-            + Send
-            + 'static,
-        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
-    {
-        let c = &self.state.clusters[cluster];
-        let err = |stderr: String| TestbedError::Command {
-            command: format!("a broker call as cluster {}", c.name),
-            stderr,
-        };
-        let creds = clusterlink_broker_client::Credentials::read(&c.credentials)
-            .map_err(|e| err(e.to_string()))?;
-        c.nodes[0]
-            .node
-            .ns()
-            .run_in(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(async move {
-                    let client = clusterlink_broker_client::connect_with(&creds)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    call(client).await.map_err(|s| s.message().to_owned())
-                })
-            })?
-            .map_err(err)
     }
 
     pub fn gateway_ns(&self, cluster: usize, k: usize) -> Netns {
@@ -594,37 +530,23 @@ impl Lab {
     }
 }
 
+/// Starts a node's route agent, logging to `log`.
 fn spawn_agent(
     bed: &Testbed,
     bin: &Path,
     credentials: &Path,
     node: &Node,
     log: &str,
+    cleanup_on_exit: bool,
 ) -> Result<u32, TestbedError> {
-    spawn_agent_with(bed, bin, credentials, node, log, &[])
-}
-
-fn spawn_agent_with(
-    bed: &Testbed,
-    bin: &Path,
-    credentials: &Path,
-    node: &Node,
-    log: &str,
-    extra: &[&str],
-) -> Result<u32, TestbedError> {
-    let mut args = vec![
-        "route-agent",
-        "run",
-        "--credentials",
-        credentials.to_str().unwrap_or_default(),
-        "--node",
-        &node.name,
-        "--tunnel-device",
-        TUN,
-    ];
-    let ip = node.underlay.to_string();
-    args.extend(["--node-ip", &ip]);
-    args.extend(extra);
+    let args = RouteAgentRun {
+        credentials: credentials.to_owned(),
+        node: node.name.clone(),
+        node_ip: node.underlay.into(),
+        tunnel_device: TUN.into(),
+        cleanup_on_exit,
+    }
+    .args();
     bed.spawn(&node.ns(), log, &bin.display().to_string(), &args)
 }
 

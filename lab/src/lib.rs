@@ -5,6 +5,7 @@
 //! ever created or changed in the host's own network namespace: veth pairs are made inside a
 //! namespace with their peer placed directly in another.
 
+pub mod invoke;
 pub mod lab;
 pub mod netns;
 pub mod topology;

@@ -120,7 +120,11 @@ impl Netns {
     }
 
     /// Runs `program args…` inside the namespace and waits for it.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, TestbedError> {
+    pub fn exec<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        program: &str,
+        args: &[S],
+    ) -> Result<Output, TestbedError> {
         run(self.command(program).args(args))
     }
 
@@ -239,12 +243,12 @@ impl Testbed {
     }
 
     /// Starts a process inside `ns`, logging to `log_dir/<log>.log`; killed on drop.
-    pub fn spawn(
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(
         &self,
         ns: &Netns,
         log: &str,
         program: &str,
-        args: &[&str],
+        args: &[S],
     ) -> Result<u32, TestbedError> {
         let path = self.log_path(log);
         let file = std::fs::File::create(&path).map_err(|source| TestbedError::Spawn {
@@ -265,7 +269,13 @@ impl Testbed {
             .stderr(err)
             .spawn()
             .map_err(|source| TestbedError::Spawn {
-                command: format!("{program} {}", args.join(" ")),
+                command: format!(
+                    "{program} {}",
+                    args.iter()
+                        .map(|a| a.as_ref().to_string_lossy())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
                 source,
             })?;
         let pid = child.id();

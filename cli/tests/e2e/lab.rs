@@ -1,11 +1,9 @@
 //! `clusterlink lab` as an operator runs it (needs root): up with its own verification,
 //! status, exec, down, and nothing left behind.
 
-#![allow(clippy::unwrap_used)]
-
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+use crate::support::BIN;
 
 fn lab(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)

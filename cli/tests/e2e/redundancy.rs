@@ -5,18 +5,12 @@
 //!   a: a-gw0, a-gw1 (gateways), a-w1 (worker) ──wan── b: b-gw0, b-w1
 //! ```
 
-#![allow(clippy::unwrap_used)]
-
 use std::path::Path;
 use std::time::Duration;
 
-use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
+use clusterlink_lab::{ClusterSpec, Lab, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
-
-fn ping(from: &Netns, to: &str) -> bool {
-    from.exec("ping", &["-c1", "-W1", to]).is_ok()
-}
+use crate::support::{BIN, ping};
 
 fn gateway_index(lab: &Lab, cluster: usize, node: &str) -> usize {
     lab.state.clusters[cluster]

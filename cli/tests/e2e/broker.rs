@@ -1,17 +1,21 @@
-//! The `clusterlink` binary as an operator uses it: deploy, run, join, show, revoke, and the
-//! errors a person sees. Includes the crash test: a broker killed with SIGKILL in the middle
-//! of writes and restarted has every write it acknowledged.
-
-#![allow(clippy::unwrap_used)]
+//! The broker through the `clusterlink` binary, as an operator uses it: deploy, run, join,
+//! show, revoke, and the errors a person sees. Includes the crash test: a broker killed with
+//! SIGKILL in the middle of writes and restarted has every write it acknowledged.
+//!
+//! ```text
+//!   clusterlink (CLI) ──mTLS── broker run ── store: redb in DIR/broker | etcd (loopback)
+//!   every process on loopback, in the host's namespace; no links, no routes
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clusterlink_api::{Kind, proto};
 use clusterlink_broker_client::{Credentials, connect_with};
+use clusterlink_testkit::{PortLease, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+use crate::support::BIN;
 
 fn clusterlink(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -41,23 +45,15 @@ fn fails(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port held for the test's lifetime (no other test is handed it meanwhile).
+fn free_port() -> PortLease {
+    PortLease::new().expect("a free loopback port")
 }
 
 /// Waits for `cond` with a deadline; never a fixed sleep.
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    if let Err(e) = wait_until(what, timeout, cond) {
+        panic!("{e}");
     }
 }
 
@@ -113,9 +109,10 @@ impl Drop for BrokerProc {
     }
 }
 
-fn deploy(dir: &Path, extra: &[&str]) -> u16 {
+/// Deploys a broker in `dir/broker` listening on a port held for the caller.
+fn deploy(dir: &Path, extra: &[&str]) -> PortLease {
     let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", port.port());
     let mut args = vec!["deploy-broker", "--data-dir", "broker", "--listen", &listen];
     args.extend_from_slice(extra);
     ok(&clusterlink(dir, &args));
@@ -126,7 +123,7 @@ fn deploy(dir: &Path, extra: &[&str]) -> u16 {
 fn deploy_join_show_revoke() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    deploy(dir, &[]);
+    let _port = deploy(dir, &[]);
     // Private keys and tokens are for their owner's eyes only.
     for f in [
         "broker/admin.yaml",
@@ -344,7 +341,10 @@ fn operator_errors_say_what_to_do() {
         ],
     ));
     assert!(
-        down.contains(&format!("cannot reach the broker at 127.0.0.1:{port}")),
+        down.contains(&format!(
+            "cannot reach the broker at 127.0.0.1:{}",
+            port.port()
+        )),
         "{down}"
     );
     // Malformed broker-info.
@@ -438,7 +438,7 @@ fn operator_errors_say_what_to_do() {
             "--data-dir",
             "b3",
             "--store",
-            &format!("etcd://127.0.0.1:{}", free_port()),
+            &format!("etcd://127.0.0.1:{}", free_port().port()),
         ],
     ));
     assert!(
@@ -457,7 +457,7 @@ fn operator_errors_say_what_to_do() {
 fn sigkilled_broker_loses_no_acknowledged_write() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    deploy(dir, &[]);
+    let _port = deploy(dir, &[]);
     let broker = BrokerProc::start(dir, "broker");
     ok(&clusterlink(
         dir,
@@ -586,7 +586,7 @@ fn two_broker_processes_on_one_etcd_serve_the_same_data() {
             "--data-dir",
             "broker",
             "--listen",
-            &format!("127.0.0.1:{port_b}"),
+            &format!("127.0.0.1:{}", port_b.port()),
         ])
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -615,8 +615,8 @@ fn two_broker_processes_on_one_etcd_serve_the_same_data() {
     std::fs::write(
         dir.join("east-via-b.yaml"),
         creds.replace(
-            &format!("127.0.0.1:{port_a}"),
-            &format!("127.0.0.1:{port_b}"),
+            &format!("127.0.0.1:{}", port_a.port()),
+            &format!("127.0.0.1:{}", port_b.port()),
         ),
     )
     .unwrap();

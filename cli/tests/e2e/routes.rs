@@ -7,8 +7,6 @@
 //!                                   ╚══wireguard═══ c-gw0 ─(CNI)─ c-w1 ─ c-w1-pod   (c behind NAT)
 //! ```
 
-#![allow(clippy::unwrap_used)]
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -18,7 +16,8 @@ use clusterlink_lab::lab::agent_routes;
 use clusterlink_lab::{ClusterSpec, Lab, Netns, Pod, wait_until};
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+use crate::support::AsCluster;
+use crate::support::BIN;
 
 fn up() -> Lab {
     let specs = ClusterSpec::many(&["a", "b", "c"], 1, &["c"]);
@@ -226,7 +225,7 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     let before = node_state(&ns);
 
     // The agent again, this time cleaning up when it stops.
-    lab.start_agent(0, 1, &["--cleanup-on-exit"]).unwrap();
+    lab.start_agent(0, 1, true).unwrap();
     wait_until("the agent's routes", Duration::from_secs(20), || {
         our_routes(&ns).len() == 4
     })

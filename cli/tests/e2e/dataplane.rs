@@ -9,22 +9,17 @@
 //! Traffic between the gateways' tunnel addresses must cross as WireGuard: the wan counts
 //! what it forwards, and no ICMP between clusters may appear there, only UDP to 51820.
 
-#![allow(clippy::unwrap_used)]
-
 use std::path::Path;
 use std::time::Duration;
 
 use clusterlink_lab::topology::nft;
-use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
+use clusterlink_lab::{ClusterSpec, Lab, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+use crate::support::AsCluster;
+use crate::support::{BIN, ping};
 
 fn specs(nat_c: bool) -> Vec<ClusterSpec> {
     ClusterSpec::many(&["a", "b", "c"], 0, if nat_c { &["c"] } else { &[] })
-}
-
-fn ping(from: &Netns, to: &str) -> bool {
-    from.exec("ping", &["-c1", "-W1", to]).is_ok()
 }
 
 fn up(nat_c: bool) -> Lab {

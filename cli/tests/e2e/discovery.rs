@@ -3,14 +3,12 @@
 //! records itself (every record form, health); the second goes through the export path:
 //! manifests, `clusterlink export`/`unexport`, the export controller and its conditions.
 
-#![allow(clippy::unwrap_used)]
-
 use std::path::Path;
 use std::time::Duration;
 
 use clusterlink_lab::{ClusterSpec, Lab, Netns, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clusterlink");
+use crate::support::BIN;
 
 fn up() -> Lab {
     let specs = ClusterSpec::many(&["a", "b", "c"], 1, &[]);
