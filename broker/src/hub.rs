@@ -11,7 +11,7 @@ use clusterlink_api::{Kind, proto};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
-use crate::store::{Event, Revision, Store, WatchMessage};
+use crate::store::{Event, Revision, Store, StoreError, WatchMessage};
 
 /// An event as clients receive it, decoded once.
 #[derive(Clone, Debug)]
@@ -72,13 +72,13 @@ pub fn to_hub_event(e: &Event) -> Option<HubEvent> {
 }
 
 /// What a watcher is sent: events, or the instruction to relist.
-pub type WatchItem = Result<proto::WatchResponse, tonic::Status>;
+pub type WatchItem = Result<proto::WatchResponse, StoreError>;
 
 const BATCH: usize = 512;
 
 impl<S: Store> Hub<S> {
     /// Starts following the store from its current revision.
-    pub async fn start(store: S, capacity: usize) -> Result<Self, crate::store::StoreError> {
+    pub async fn start(store: S, capacity: usize) -> Result<Self, StoreError> {
         let (_, rev) = store.list("internal/hub/").await?;
         let (tx, _) = broadcast::channel(4096);
         let hub = Hub {
@@ -247,9 +247,7 @@ impl<S: Store> Hub<S> {
         let mut watch = match self.store.watch(kind.prefix(), after).await {
             Ok(w) => w,
             Err(e) => {
-                let _ = out
-                    .send(Err(tonic::Status::unavailable(e.to_string())))
-                    .await;
+                let _ = out.send(Err(e)).await;
                 return;
             }
         };
@@ -270,9 +268,7 @@ impl<S: Store> Hub<S> {
                     return;
                 }
                 Some(Err(e)) => {
-                    let _ = out
-                        .send(Err(tonic::Status::unavailable(e.to_string())))
-                        .await;
+                    let _ = out.send(Err(e)).await;
                     return;
                 }
                 None => return,

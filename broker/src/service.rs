@@ -86,10 +86,18 @@ pub enum ServiceError {
     Ca(#[source] PkiError),
     #[error("broker store unavailable: {0}")]
     Store(#[from] StoreError),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    NotFound(String),
+    #[error(
+        "record {key} changed since the revision given (or already exists); read it again and retry"
+    )]
+    WriteConflict { key: RecordKey },
+    #[error("the cluster registry kept changing during the join; retry")]
+    RegistryBusy,
+    #[error("lease {lease} belongs to another cluster")]
+    ForeignLease { lease: i64 },
+    #[error("lease {lease} not found (expired or revoked); grant a new one")]
+    NoSuchLease { lease: i64 },
+    #[error("no cluster {cluster:?} has joined this broker (see clusterlink show clusters)")]
+    NoSuchCluster { cluster: ClusterId },
 }
 
 impl From<ServiceError> for Status {
@@ -107,8 +115,10 @@ impl From<ServiceError> for Status {
             ServiceError::Ca(_) => Status::internal(msg),
             ServiceError::Store(StoreError::LeaseNotFound(_)) => Status::not_found(msg),
             ServiceError::Store(_) => Status::unavailable(msg),
-            ServiceError::Conflict(_) => Status::aborted(msg),
-            ServiceError::NotFound(_) => Status::not_found(msg),
+            ServiceError::WriteConflict { .. } | ServiceError::RegistryBusy => Status::aborted(msg),
+            ServiceError::ForeignLease { .. }
+            | ServiceError::NoSuchLease { .. }
+            | ServiceError::NoSuchCluster { .. } => Status::not_found(msg),
         }
     }
 }
@@ -332,9 +342,7 @@ impl<S: Store> BrokerService<S> {
     /// Explains a failed guarded write: revoked meanwhile, or the caller's own precondition.
     async fn explain_failed_write(&self, identity: &Identity, key: &RecordKey) -> ServiceError {
         match self.registration(identity).await {
-            Ok(Some(_)) => ServiceError::Conflict(format!(
-                "record {key} changed since the revision given (or already exists); read it again and retry"
-            )),
+            Ok(Some(_)) => ServiceError::WriteConflict { key: key.clone() },
             Ok(None) => match identity {
                 Identity::Cluster { id, .. } => Denied::Revoked {
                     cluster: id.clone(),
@@ -357,12 +365,8 @@ impl<S: Store> BrokerService<S> {
     async fn check_lease(&self, lease: i64, caller: &ClusterId) -> Result<(), ServiceError> {
         match self.lease_owner(lease).await? {
             Some(owner) if owner == caller.as_str() => Ok(()),
-            Some(_) => Err(ServiceError::NotFound(format!(
-                "lease {lease} belongs to another cluster"
-            ))),
-            None => Err(ServiceError::NotFound(format!(
-                "lease {lease} not found (expired or revoked); grant a new one"
-            ))),
+            Some(_) => Err(ServiceError::ForeignLease { lease }),
+            None => Err(ServiceError::NoSuchLease { lease }),
         }
     }
 
@@ -427,9 +431,7 @@ impl<S: Store> BrokerService<S> {
                 });
             }
         }
-        Err(ServiceError::Conflict(
-            "the cluster registry kept changing during the join; retry".into(),
-        ))
+        Err(ServiceError::RegistryBusy)
     }
 
     async fn do_publish(
@@ -499,9 +501,7 @@ impl<S: Store> BrokerService<S> {
         let id: ClusterId = req.cluster_id.parse()?;
         let key = RecordKey::Cluster(id.clone()).to_string();
         if self.store.get(&key).await?.is_none() {
-            return Err(ServiceError::NotFound(format!(
-                "no cluster {id:?} has joined this broker (see clusterlink show clusters)"
-            )));
+            return Err(ServiceError::NoSuchCluster { cluster: id });
         }
         let mut txn = Txn::default().and_delete(key);
         for kind in [Kind::Gateways, Kind::Services, Kind::Connections] {
@@ -570,15 +570,20 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let kind = Kind::from_proto(req.kind).map_err(ServiceError::from)?;
         let (hub_tx, mut hub_rx) = mpsc::channel(16);
         self.hub.watch(kind, req.from_revision, hub_tx);
-        let Identity::Cluster { id, serial } = identity else {
-            return Ok(Response::new(ReceiverStream::new(hub_rx)));
-        };
         // A cluster's watch lasts only as long as its registration: revoking it (or a
-        // re-join, which issues another certificate) ends the stream.
+        // re-join, which issues another certificate) ends the stream. The admin's lasts.
         let (tx, rx) = mpsc::channel(16);
         let registry = self.registry.clone();
+        let holder = match identity {
+            Identity::Cluster { id, serial } => Some((id, serial)),
+            Identity::Admin => None,
+        };
         tokio::spawn(async move {
-            let valid = || registry.get(&id).is_some_and(|(s, _)| s == serial);
+            let valid = || {
+                holder
+                    .as_ref()
+                    .is_none_or(|(id, serial)| registry.get(id).is_some_and(|(s, _)| &s == serial))
+            };
             let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {
                 let item = tokio::select! {
@@ -588,13 +593,14 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
                     }
                     _ = tx.closed() => return,
                 };
-                match item {
-                    Some(item) if valid() => {
+                match (item, &holder) {
+                    (Some(item), _) if valid() => {
+                        let item = item.map_err(|e| Status::from(ServiceError::Store(e)));
                         if tx.send(item).await.is_err() {
                             return;
                         }
                     }
-                    Some(_) | None if !valid() => {
+                    (_, Some((id, _))) if !valid() => {
                         let denied = ServiceError::from(Denied::Revoked {
                             cluster: id.clone(),
                         });

@@ -11,19 +11,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::mcs::{ServiceExport, ServiceExportStatus};
 use clusterlink_api::ClusterSet;
 use clusterlink_api::proto::broker_client::BrokerClient;
 use clusterlink_api::{ClusterId, Record, ServiceRecord, proto};
-use clusterlink_broker_client::{Credentials, connect_with};
+use clusterlink_broker_client::{ConnectError, Credentials, connect_with};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use thiserror::Error;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::export::reconcile_export;
+use crate::kube_source::KubeError;
 use crate::manifests::{export_file, read_dir};
+use crate::mcs::{ServiceExport, ServiceExportStatus};
 
 type Key = (String, String);
 
@@ -101,7 +103,7 @@ impl ExportController {
     }
 
     /// One pass: read, reconcile, publish and withdraw, write statuses and imports.
-    pub async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), String> {
+    pub async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), ControllerError> {
         let (m, errors) = match &self.source {
             Source::Dir(dir) => {
                 let (m, errors) = read_dir(dir);
@@ -109,7 +111,7 @@ impl ExportController {
             }
             Source::Kube(client) => match crate::kube_source::read(client.clone()).await {
                 Ok(m) => (m, Vec::new()),
-                Err(e) => return Err(format!("reading the Kubernetes API: {e}")),
+                Err(e) => return Err(ControllerError::Kube(e)),
             },
         };
         if errors != self.last_errors {
@@ -188,7 +190,7 @@ impl ExportController {
                         create_only: false,
                     })
                     .await
-                    .map_err(|s| format!("broker: {}", s.message()))?;
+                    .map_err(refused("publish", k))?;
                 info!(namespace = %k.0, name = %k.1, ready = r.ready, "service exported");
             }
         }
@@ -200,7 +202,7 @@ impl ExportController {
                     name: format!("{}/{}", k.0, k.1),
                 })
                 .await
-                .map_err(|s| s.message().to_owned())?;
+                .map_err(refused("withdraw", k))?;
             info!(namespace = %k.0, name = %k.1, "service unexported");
         }
         Ok(())
@@ -225,12 +227,10 @@ impl ExportController {
                 continue;
             }
             let written = match &self.source {
-                Source::Dir(dir) => {
-                    write_atomic(&dir.join("imported").join(file), text).map_err(|e| e.to_string())
-                }
+                Source::Dir(dir) => write_atomic(&dir.join("imported").join(file), text),
                 Source::Kube(client) => crate::kube_source::apply_import(client.clone(), imported)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(SinkError::from),
             };
             match written {
                 Ok(()) => {
@@ -265,11 +265,12 @@ impl ExportController {
         }
     }
 
-    async fn client(&mut self) -> Result<&mut BrokerClient<Channel>, String> {
-        if self.client.is_none() {
-            self.client = Some(connect_with(&self.creds).await.map_err(|e| e.to_string())?);
-        }
-        self.client.as_mut().ok_or_else(|| "no client".to_owned())
+    async fn client(&mut self) -> Result<&mut BrokerClient<Channel>, ConnectError> {
+        let client = match self.client.take() {
+            Some(client) => client,
+            None => connect_with(&self.creds).await?,
+        };
+        Ok(self.client.insert(client))
     }
 
     /// Writes an export's conditions when they change; a condition whose status did not
@@ -307,13 +308,13 @@ impl ExportController {
                 });
                 let path = status_path(dir, key);
                 serde_saphyr::to_string(&out)
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| write_atomic(&path, &text).map_err(|e| e.to_string()))
+                    .map_err(SinkError::from)
+                    .and_then(|text| write_atomic(&path, &text))
             }
             Source::Kube(client) => {
                 crate::kube_source::write_status(client.clone(), &key.0, &key.1, &conditions)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(SinkError::from)
             }
         };
         match written {
@@ -331,6 +332,53 @@ fn status_path(dir: &Path, (ns, name): &Key) -> PathBuf {
     dir.join("status").join(export_file(ns, name))
 }
 
-fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    clusterlink_broker_client::fs::write_atomic(path, text.as_bytes(), 0o644)
+fn write_atomic(path: &Path, text: &str) -> Result<(), SinkError> {
+    clusterlink_broker_client::fs::write_atomic(path, text.as_bytes(), 0o644).map_err(|source| {
+        SinkError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// Why a pass of the export controller stopped (it runs again at the next tick).
+#[derive(Debug, Error)]
+pub enum ControllerError {
+    #[error("reading the Kubernetes API: {0}")]
+    Kube(#[from] KubeError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the broker refused to {call} service {namespace}/{name}: {}", .status.message())]
+    Refused {
+        call: &'static str,
+        namespace: String,
+        name: String,
+        status: tonic::Status,
+    },
+}
+
+fn refused(call: &'static str, (ns, name): &Key) -> impl FnOnce(tonic::Status) -> ControllerError {
+    let (namespace, name) = (ns.clone(), name.clone());
+    move |status| ControllerError::Refused {
+        call,
+        namespace,
+        name,
+        status,
+    }
+}
+
+/// Why an export's status or an import could not be written (logged; tried again when it
+/// changes).
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode it as YAML: {0}")]
+    Encode(#[from] serde_saphyr::SerializeError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
 }
