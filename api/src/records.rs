@@ -104,6 +104,10 @@ pub struct ClusterRegistration {
     pub cluster: Cluster,
     pub certificate_serial: String,
     pub joined_at_unix_ms: i64,
+    /// SHA-256 (hex) of the public key the cluster joined with; empty in registrations made
+    /// before it was recorded.
+    #[serde(default)]
+    pub public_key_sha256: String,
 }
 
 impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
@@ -116,6 +120,7 @@ impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
                 .try_into()?,
             certificate_serial: p.certificate_serial,
             joined_at_unix_ms: p.joined_at_unix_ms,
+            public_key_sha256: p.public_key_sha256,
         })
     }
 }
@@ -126,6 +131,7 @@ impl From<ClusterRegistration> for proto::ClusterRegistration {
             cluster: Some(r.cluster.into()),
             certificate_serial: r.certificate_serial,
             joined_at_unix_ms: r.joined_at_unix_ms,
+            public_key_sha256: r.public_key_sha256,
         }
     }
 }

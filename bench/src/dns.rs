@@ -144,6 +144,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         zone: "clusterset.local".into(),
         ttl: 5,
         policy: clusterlink_dns::answer::Policy::RoundRobin,
+        ns_addresses: vec![a.listen.ip()],
         controllers: None,
     };
     let view = synthetic(a.names)?;

@@ -149,16 +149,47 @@ pub fn check_address(address: &str) -> Result<(), FileError> {
         address: address.to_owned(),
         reason: reason.to_owned(),
     };
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected HOST:PORT"))?;
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| {
+        bad("expected HOST:PORT (a port is needed, e.g. broker.example.com:7443)")
+    })?;
     if host.is_empty() {
         return Err(bad("the host is empty"));
+    }
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => {
+            v6.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| bad("the bracketed host is not an IPv6 address"))?;
+        }
+        None if host.contains(':') => {
+            return Err(bad("an IPv6 address needs brackets: [ADDRESS]:PORT"));
+        }
+        None => check_host(host).map_err(|r| bad(&r))?,
     }
     port.parse::<u16>()
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
+    Ok(())
+}
+
+/// Checks that `host` is an IP address or a DNS name (labels of letters, digits and `-`, not
+/// starting or ending with `-`, at most 63 bytes each and 253 in all).
+pub fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{host:?} is neither an IP address nor a DNS name (letters, digits, '-' and '.')"
+        ));
+    }
     Ok(())
 }
 
@@ -304,6 +335,112 @@ impl BrokerInfo {
     }
 }
 
+/// What `join` writes to its output before it asks the broker anything: the key it joins
+/// with. It proves the output can be written before a token is spent, and a join interrupted
+/// after the broker registered the cluster is retried with the same key (the broker recognises
+/// it). Replaced by the credentials when the join completes. Holds a private key: mode 0600.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingJoin {
+    pub api_version: String,
+    pub kind: String,
+    /// HOST:PORT of the broker joined.
+    pub address: String,
+    pub cluster_id: ClusterId,
+    pub private_key: String,
+}
+
+impl PendingJoin {
+    const KIND: &'static str = "PendingJoin";
+
+    pub fn new(address: String, cluster_id: ClusterId, private_key: String) -> Self {
+        Self {
+            api_version: API_VERSION.into(),
+            kind: Self::KIND.into(),
+            address,
+            cluster_id,
+            private_key,
+        }
+    }
+
+    /// Writes the file, failing if `path` exists (`create_new`): an operator's file is never
+    /// replaced by a join that has not happened.
+    pub fn create(&self, path: &Path) -> Result<(), FileError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let werr = |source| FileError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let text = serde_saphyr::to_string(self)
+            .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(werr)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(werr)?;
+        let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            drop(f);
+            let _ = std::fs::remove_file(path);
+            return Err(werr(e));
+        }
+        Ok(())
+    }
+}
+
+/// What a join's output path holds already.
+#[derive(Debug)]
+pub enum JoinOutput {
+    /// A join that did not finish: its key.
+    Pending(PendingJoin),
+    /// A join that did.
+    Joined(Box<Credentials>),
+}
+
+impl JoinOutput {
+    /// Reads `path` as either kind; `Ok(None)` if it does not exist.
+    pub fn read(path: &Path) -> Result<Option<Self>, FileError> {
+        if !path.try_exists().map_err(|source| FileError::Read {
+            path: path.to_owned(),
+            source,
+        })? {
+            return Ok(None);
+        }
+        #[derive(Deserialize)]
+        struct Header {
+            kind: String,
+        }
+        let text = read_bounded(path, "credentials")?;
+        let malformed = |kind, reason: String| FileError::Malformed {
+            path: path.to_owned(),
+            kind,
+            reason,
+        };
+        let header: Header =
+            serde_saphyr::from_str(&text).map_err(|e| malformed("credentials", e.to_string()))?;
+        if header.kind == PendingJoin::KIND {
+            let p: PendingJoin = serde_saphyr::from_str(&text)
+                .map_err(|e| malformed(PendingJoin::KIND, e.to_string()))?;
+            check_header(path, PendingJoin::KIND, &p.api_version, &p.kind)?;
+            check_pem(
+                path,
+                PendingJoin::KIND,
+                "privateKey",
+                &p.private_key,
+                "PRIVATE KEY",
+            )?;
+            Ok(Some(JoinOutput::Pending(p)))
+        } else {
+            Credentials::read(path).map(|c| Some(JoinOutput::Joined(Box::new(c))))
+        }
+    }
+}
+
 impl Credentials {
     pub fn new(address: String, ca: String, identity: Identity, cert: String, key: String) -> Self {
         Self {
@@ -372,7 +509,17 @@ mod tests {
     fn addresses_need_a_host_and_a_port() {
         assert!(check_address("broker:7443").is_ok());
         assert!(check_address("[::1]:7443").is_ok());
-        for bad in ["broker", ":7443", "broker:0", "broker:http"] {
+        assert!(check_address("10.0.0.1:7443").is_ok());
+        for bad in [
+            "broker",
+            ":7443",
+            "broker:0",
+            "broker:http",
+            "fd00::1:7443",
+            "[not-v6]:7443",
+            "bro ker:7443",
+            "-broker:7443",
+        ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
     }

@@ -42,6 +42,23 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
     result
 }
 
+/// Reads a text file of at most `limit` bytes; a larger one (or an endless one: `/dev/zero`)
+/// is an `InvalidData` error that says so, after reading no more than `limit + 1` bytes.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} KiB; is this the right file?", limit / 1024),
+        ));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -62,6 +79,17 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn reads_are_bounded() {
+        let e = read_limited(Path::new("/dev/zero"), 4096).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("larger than 4 KiB"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small");
+        std::fs::write(&path, "ok").unwrap();
+        assert_eq!(read_limited(&path, 2).unwrap(), "ok");
     }
 
     #[test]

@@ -46,18 +46,44 @@ pub enum JoinRefusal {
     },
 }
 
-/// Decides whether `cluster` may join with `token`, given the clusters already joined.
+/// What a join that may go ahead does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinDecision {
+    /// Register the cluster.
+    New,
+    /// The same cluster joining again with the same key, token and CIDRs: its first join
+    /// registered it, but the joiner never saved the certificate (it crashed, or its output
+    /// could not be written). Issue a certificate again for the same registration.
+    Retry,
+}
+
+/// Decides whether `cluster` may join with `token` and the public key whose SHA-256 (hex) is
+/// `key_sha256`, given the clusters already joined.
 pub fn decide_join(
     now_unix_ms: i64,
     token: Option<&StoredToken>,
     cluster: &Cluster,
+    key_sha256: &str,
     existing: &[ClusterRegistration],
-) -> Result<(), JoinRefusal> {
+) -> Result<JoinDecision, JoinRefusal> {
     let token = token.ok_or(JoinRefusal::UnknownToken)?;
     if now_unix_ms >= token.expires_at_unix_ms {
         return Err(JoinRefusal::TokenExpired {
             expired_at_unix_ms: token.expires_at_unix_ms,
         });
+    }
+    if let Some(same) = existing.iter().find(|r| r.cluster.id == cluster.id) {
+        let retry = !same.public_key_sha256.is_empty()
+            && same.public_key_sha256 == key_sha256
+            && same.cluster == *cluster
+            && (!token.single_use || token.used_by == cluster.id.as_str());
+        return if retry {
+            Ok(JoinDecision::Retry)
+        } else {
+            Err(JoinRefusal::DuplicateCluster {
+                id: cluster.id.clone(),
+            })
+        };
     }
     if token.single_use && !token.used_by.is_empty() {
         return Err(JoinRefusal::TokenUsed {
@@ -70,13 +96,6 @@ pub fn decide_join(
             id: cluster.id.clone(),
         })?;
     for other in existing {
-        if other.cluster.id == cluster.id {
-            return Err(JoinRefusal::DuplicateCluster {
-                id: cluster.id.clone(),
-            });
-        }
-    }
-    for other in existing {
         let Ok(theirs) = other.cluster.all_cidrs() else {
             continue;
         };
@@ -88,7 +107,7 @@ pub fn decide_join(
             });
         }
     }
-    Ok(())
+    Ok(JoinDecision::New)
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -171,6 +190,7 @@ mod tests {
             cluster: c,
             certificate_serial: "01".into(),
             joined_at_unix_ms: 0,
+            public_key_sha256: "k1".into(),
         }
     }
 
@@ -186,24 +206,27 @@ mod tests {
     fn join_token_rules() {
         let c = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
         assert_eq!(
-            decide_join(5, None, &c, &[]),
+            decide_join(5, None, &c, "k2", &[]),
             Err(JoinRefusal::UnknownToken)
         );
         assert_eq!(
-            decide_join(10, Some(&token(10, false, "")), &c, &[]),
+            decide_join(10, Some(&token(10, false, "")), &c, "k2", &[]),
             Err(JoinRefusal::TokenExpired {
                 expired_at_unix_ms: 10
             })
         );
         assert_eq!(
-            decide_join(5, Some(&token(10, true, "west")), &c, &[]),
+            decide_join(5, Some(&token(10, true, "west")), &c, "k2", &[]),
             Err(JoinRefusal::TokenUsed { by: "west".into() })
         );
-        assert_eq!(decide_join(5, Some(&token(10, true, "")), &c, &[]), Ok(()));
+        assert_eq!(
+            decide_join(5, Some(&token(10, true, "")), &c, "k2", &[]),
+            Ok(JoinDecision::New)
+        );
         // A multi-use token stays usable.
         assert_eq!(
-            decide_join(5, Some(&token(10, false, "west")), &c, &[]),
-            Ok(())
+            decide_join(5, Some(&token(10, false, "west")), &c, "k2", &[]),
+            Ok(JoinDecision::New)
         );
     }
 
@@ -213,14 +236,14 @@ mod tests {
         let west = reg(cluster("west", "10.2.0.0/16", "10.102.0.0/16"));
         let dup = cluster("west", "10.3.0.0/16", "10.103.0.0/16");
         assert_eq!(
-            decide_join(0, Some(&t), &dup, std::slice::from_ref(&west)),
+            decide_join(0, Some(&t), &dup, "k2", std::slice::from_ref(&west)),
             Err(JoinRefusal::DuplicateCluster {
                 id: "west".parse().unwrap()
             })
         );
         // East's service CIDR overlaps west's pod CIDR.
         let east = cluster("east", "10.1.0.0/16", "10.2.128.0/17");
-        let err = decide_join(0, Some(&t), &east, std::slice::from_ref(&west)).unwrap_err();
+        let err = decide_join(0, Some(&t), &east, "k2", std::slice::from_ref(&west)).unwrap_err();
         assert_eq!(
             err,
             JoinRefusal::Overlap {
@@ -231,7 +254,46 @@ mod tests {
         );
         assert!(err.to_string().contains("\"west\""), "{err}");
         let apart = cluster("east", "10.1.0.0/16", "10.101.0.0/16");
-        assert_eq!(decide_join(0, Some(&t), &apart, &[west]), Ok(()));
+        assert_eq!(
+            decide_join(0, Some(&t), &apart, "k2", std::slice::from_ref(&west)),
+            Ok(JoinDecision::New)
+        );
+    }
+
+    #[test]
+    fn a_join_retried_with_the_same_key_token_and_cidrs_is_recognised() {
+        let west = cluster("west", "10.2.0.0/16", "10.102.0.0/16");
+        let registered = [reg(west.clone())]; // joined with key "k1"
+        let used = token(i64::MAX, true, "west");
+        assert_eq!(
+            decide_join(0, Some(&used), &west, "k1", &registered),
+            Ok(JoinDecision::Retry)
+        );
+        let multi = token(i64::MAX, false, "");
+        assert_eq!(
+            decide_join(0, Some(&multi), &west, "k1", &registered),
+            Ok(JoinDecision::Retry)
+        );
+        let dup = Err(JoinRefusal::DuplicateCluster {
+            id: "west".parse().unwrap(),
+        });
+        // Another key: someone else claiming the ID.
+        assert_eq!(decide_join(0, Some(&used), &west, "k2", &registered), dup);
+        // Other CIDRs: not the same join.
+        let moved = cluster("west", "10.3.0.0/16", "10.102.0.0/16");
+        assert_eq!(decide_join(0, Some(&used), &moved, "k1", &registered), dup);
+        // A single-use token another cluster redeemed.
+        let others = token(i64::MAX, true, "east");
+        assert_eq!(decide_join(0, Some(&others), &west, "k1", &registered), dup);
+        // An expired token is refused whatever else matches.
+        assert!(matches!(
+            decide_join(i64::MAX, Some(&used), &west, "k1", &registered),
+            Err(JoinRefusal::TokenExpired { .. })
+        ));
+        // Registrations from before keys were recorded are never retried.
+        let mut old = reg(west.clone());
+        old.public_key_sha256.clear();
+        assert_eq!(decide_join(0, Some(&used), &west, "", &[old]), dup);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!
 //! Brokers sharing one etcd each need a copy of `pki/` (they sign with the same CA).
 
+use clusterlink_broker_client::files::MAX_FILE_BYTES;
+use clusterlink_broker_client::fs::read_limited;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -174,7 +176,7 @@ impl DataDir {
         if !path.exists() {
             return Err(DeployError::NotDeployed(self.root.clone()));
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| DeployError::Read {
+        let text = read_limited(&path, MAX_FILE_BYTES).map_err(|source| DeployError::Read {
             path: path.clone(),
             source,
         })?;
@@ -200,7 +202,7 @@ impl DataDir {
     pub fn load_tls(&self) -> Result<BrokerTls, DeployError> {
         let read = |name: &str| {
             let path = self.pki(name);
-            std::fs::read_to_string(&path).map_err(|source| DeployError::Read { path, source })
+            read_limited(&path, MAX_FILE_BYTES).map_err(|source| DeployError::Read { path, source })
         };
         Ok(BrokerTls {
             ca: CertAndKey {

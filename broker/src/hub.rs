@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use clusterlink_api::{Kind, proto};
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::store::{Event, Revision, Store, StoreError, WatchMessage};
@@ -38,6 +39,8 @@ struct HubState {
 #[derive(Clone)]
 pub struct Hub<S: Store> {
     store: S,
+    /// Cancelled when the broker stops: the hub stops following the store.
+    closing: CancellationToken,
     state: Arc<Mutex<HubState>>,
     tx: broadcast::Sender<HubMsg>,
     capacity: usize,
@@ -77,12 +80,17 @@ pub type WatchItem = Result<proto::WatchResponse, StoreError>;
 const BATCH: usize = 512;
 
 impl<S: Store> Hub<S> {
-    /// Starts following the store from its current revision.
-    pub async fn start(store: S, capacity: usize) -> Result<Self, StoreError> {
+    /// Starts following the store from its current revision, until `closing` is cancelled.
+    pub async fn start(
+        store: S,
+        capacity: usize,
+        closing: CancellationToken,
+    ) -> Result<Self, StoreError> {
         let (_, rev) = store.list("internal/hub/").await?;
         let (tx, _) = broadcast::channel(4096);
         let hub = Hub {
             store,
+            closing,
             state: Arc::new(Mutex::new(HubState {
                 history: VecDeque::new(),
                 floor: rev,
@@ -96,7 +104,15 @@ impl<S: Store> Hub<S> {
         Ok(hub)
     }
 
-    async fn follow(self, mut from: Revision) {
+    async fn follow(self, from: Revision) {
+        let closing = self.closing.clone();
+        tokio::select! {
+            _ = self.follow_store(from) => {}
+            _ = closing.cancelled() => debug!("hub stopped following the store"),
+        }
+    }
+
+    async fn follow_store(self, mut from: Revision) {
         loop {
             let mut watch = match self.store.watch("", from).await {
                 Ok(w) => w,

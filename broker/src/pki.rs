@@ -186,6 +186,11 @@ pub fn new_client_key() -> Result<(String, Vec<u8>), PkiError> {
     Ok((key.serialize_pem(), key.subject_public_key_info()))
 }
 
+/// The public half (DER SubjectPublicKeyInfo) of a key made by [`new_client_key`].
+pub fn client_public_key(key_pem: &str) -> Result<Vec<u8>, PkiError> {
+    Ok(KeyPair::from_pem(key_pem)?.subject_public_key_info())
+}
+
 /// Reads the identity from a peer certificate that TLS has already verified against our CA.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
     use x509_parser::prelude::*;

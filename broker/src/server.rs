@@ -34,7 +34,9 @@ pub struct BrokerTls {
     pub server: CertAndKey,
 }
 
-/// Serves the broker on `listener` until `shutdown` resolves.
+/// Serves the broker on `listener` until `shutdown` resolves. Then it stops accepting, ends
+/// every watch stream with `UNAVAILABLE` (clients reconnect, to this broker's successor), lets
+/// unary calls in flight finish, and returns; the store is released once the calls are done.
 pub async fn serve<S: Store>(
     store: S,
     tls: BrokerTls,
@@ -44,6 +46,10 @@ pub async fn serve<S: Store>(
 ) -> Result<(), ServeError> {
     let backend = store.backend();
     let service = BrokerService::new(store, Ca::load(&tls.ca)?, clock).await?;
+    // However serving ends, the watch streams and the followers end with it and let go of the
+    // store.
+    let closing = service.closing();
+    let _close_on_return = closing.clone().drop_guard();
     let tls_config = ServerTlsConfig::new()
         .identity(Identity::from_pem(
             &tls.server.cert_pem,
@@ -61,7 +67,14 @@ pub async fn serve<S: Store>(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // The listener closes; the watch streams end now rather than when their clients
+            // go (they would hold the server, and the store, open); unary calls in flight
+            // finish.
+            info!("broker stopping: ending watch streams");
+            closing.cancel();
+        })
         .await
         .map_err(ServeError::Transport)
 }

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use clusterlink_api::{
     Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, ValidationError, proto,
+    unix_ms,
 };
 use prost::Message;
 use rand::RngCore;
@@ -16,10 +17,11 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::core::{self, Denied, JoinRefusal, StoredToken};
+use crate::core::{self, Denied, JoinDecision, JoinRefusal, StoredToken};
 use crate::hub::Hub;
 use crate::pki::{Ca, Identity, PkiError, identity_of};
 use crate::store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
@@ -45,7 +47,19 @@ fn ttl_secs_up(ttl: Duration) -> u32 {
     ttl.as_millis().div_ceil(1000) as u32
 }
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The lifetimes a join token may have: long enough to hand a file over, at most a year.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses a token lifetime outside [`MIN_TOKEN_TTL`]..=[`MAX_TOKEN_TTL`] (never silently
+/// replaced by another).
+pub fn check_token_ttl(ttl: Duration) -> Result<(), ServiceError> {
+    if (MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&ttl) {
+        Ok(())
+    } else {
+        Err(ServiceError::TokenTtl { ttl })
+    }
+}
 
 /// Where the service reads the time. Tests pass a clock they move by hand.
 pub trait Clock: Send + Sync + 'static {
@@ -58,12 +72,6 @@ impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
     }
-}
-
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[derive(Debug, Error)]
@@ -96,15 +104,22 @@ pub enum ServiceError {
     ForeignLease { lease: i64 },
     #[error("lease {lease} not found (expired or revoked); grant a new one")]
     NoSuchLease { lease: i64 },
-    #[error("no cluster {cluster:?} has joined this broker (see clusterlink show clusters)")]
+    #[error("no cluster \"{cluster}\" has joined this broker (see clusterlink show clusters)")]
     NoSuchCluster { cluster: ClusterId },
+    #[error(
+        "a join token lifetime of {} is out of range: give 1m to 365d",
+        humantime::format_duration(*ttl)
+    )]
+    TokenTtl { ttl: Duration },
 }
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
         match e {
-            ServiceError::Invalid(_) | ServiceError::PublicKey(_) => Status::invalid_argument(msg),
+            ServiceError::Invalid(_)
+            | ServiceError::PublicKey(_)
+            | ServiceError::TokenTtl { .. } => Status::invalid_argument(msg),
             ServiceError::Join(JoinRefusal::DuplicateCluster { .. }) => Status::already_exists(msg),
             ServiceError::Join(JoinRefusal::Overlap { .. }) => Status::failed_precondition(msg),
             ServiceError::Join(_) => Status::permission_denied(msg),
@@ -162,6 +177,9 @@ pub struct BrokerService<S: Store> {
     hub: Hub<S>,
     registry: Registry,
     clock: Arc<dyn Clock>,
+    /// Cancelled when the broker stops: watch streams end (clients reconnect elsewhere) and
+    /// the background followers let go of the store.
+    closing: CancellationToken,
 }
 
 fn token_key(token: &str) -> String {
@@ -181,17 +199,19 @@ fn decode_registration(kv: &KeyValue) -> Option<ClusterRegistration> {
     }
 }
 
-/// Makes a join token, stores its hash, and returns the token and its expiry (unix ms).
+/// Makes a join token valid for `ttl` (see [`check_token_ttl`]), stores its hash, and returns
+/// the token and its expiry (unix ms).
 pub async fn create_token<S: Store>(
     store: &S,
     now: SystemTime,
     ttl: Duration,
     single_use: bool,
-) -> Result<(String, i64), StoreError> {
+) -> Result<(String, i64), ServiceError> {
+    check_token_ttl(ttl)?;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let token = format!("clt1.{}", hex::encode(bytes));
-    let expires = unix_ms(now + ttl.min(MAX_TOKEN_TTL));
+    let expires = unix_ms(now + ttl);
     let stored = StoredToken {
         expires_at_unix_ms: expires,
         single_use,
@@ -205,13 +225,15 @@ pub async fn create_token<S: Store>(
 
 impl<S: Store> BrokerService<S> {
     pub async fn new(store: S, ca: Ca, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let hub = Hub::start(store.clone(), 100_000).await?;
+        let closing = CancellationToken::new();
+        let hub = Hub::start(store.clone(), 100_000, closing.clone()).await?;
         let svc = Self {
             store,
             ca: Arc::new(ca),
             hub,
             registry: Registry::default(),
             clock,
+            closing,
         };
         svc.follow_registry().await?;
         Ok(svc)
@@ -221,7 +243,8 @@ impl<S: Store> BrokerService<S> {
     async fn follow_registry(&self) -> Result<(), StoreError> {
         let rev = self.reload_registry().await?;
         let this = (self.store.clone(), self.hub.clone(), self.registry.clone());
-        tokio::spawn(async move {
+        let closing = self.closing.clone();
+        tokio::spawn(closing.run_until_cancelled_owned(async move {
             let (store, hub, registry) = this;
             let mut rev = rev; // where the next follow starts: the last full list
             loop {
@@ -259,8 +282,18 @@ impl<S: Store> BrokerService<S> {
                     }
                 }
             }
-        });
+        }));
         Ok(())
+    }
+
+    /// Ends every watch stream and background follower; see `closing`.
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+
+    /// A handle that ends the service's streams and followers when cancelled or dropped.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 
     async fn reload_registry(&self) -> Result<Revision, StoreError> {
@@ -387,10 +420,19 @@ impl<S: Store> BrokerService<S> {
             let token = token_kv
                 .as_ref()
                 .and_then(|kv| StoredToken::decode(kv.value.as_slice()).ok());
-            let (existing, _) = self.store.list(Kind::Clusters.prefix()).await?;
-            let existing: Vec<ClusterRegistration> =
-                existing.iter().filter_map(decode_registration).collect();
-            core::decide_join(unix_ms(now), token.as_ref(), &cluster, &existing)?;
+            let (existing_kvs, _) = self.store.list(Kind::Clusters.prefix()).await?;
+            let existing: Vec<ClusterRegistration> = existing_kvs
+                .iter()
+                .filter_map(decode_registration)
+                .collect();
+            let key_sha256 = hex::encode(Sha256::digest(&req.public_key_der));
+            let decision = core::decide_join(
+                unix_ms(now),
+                token.as_ref(),
+                &cluster,
+                &key_sha256,
+                &existing,
+            )?;
             let (cert_pem, serial) = self
                 .ca
                 .sign_cluster(now, &cluster.id, &req.public_key_der)
@@ -399,15 +441,29 @@ impl<S: Store> BrokerService<S> {
                     e => ServiceError::Ca(e),
                 })?;
             let key = RecordKey::Cluster(cluster.id.clone()).to_string();
+            let previous = existing_kvs.iter().find(|kv| kv.key == key);
+            let joined_at_unix_ms = match (&decision, previous.and_then(decode_registration)) {
+                (JoinDecision::Retry, Some(r)) => r.joined_at_unix_ms,
+                _ => unix_ms(now),
+            };
             let reg = Record::Cluster(ClusterRegistration {
                 cluster: cluster.clone(),
                 certificate_serial: serial.clone(),
-                joined_at_unix_ms: unix_ms(now),
+                joined_at_unix_ms,
+                public_key_sha256: key_sha256,
             });
+            // A new join: the key must still be free. A retry: the registration must be the
+            // one decided on. The certificate issued first (never saved) stops working.
+            let guard = match (&decision, previous) {
+                (JoinDecision::Retry, Some(kv)) => {
+                    Compare::ModRevision(key.clone(), kv.mod_revision)
+                }
+                _ => Compare::Absent(key.clone()),
+            };
             // Guarded by the registry version: two concurrent joins with overlapping CIDRs
             // cannot both pass the overlap check.
             let mut txn = Txn::default()
-                .when(Compare::Absent(key.clone()))
+                .when(guard)
                 .when(match &version {
                     Some(v) => Compare::ModRevision(REGISTRY_VERSION_KEY.into(), v.mod_revision),
                     None => Compare::Absent(REGISTRY_VERSION_KEY.into()),
@@ -423,7 +479,12 @@ impl<S: Store> BrokerService<S> {
             }
             if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
                 self.registry.set(cluster.id.clone(), serial, revision);
-                info!(cluster = %cluster.id, "cluster joined");
+                match decision {
+                    JoinDecision::New => info!(cluster = %cluster.id, "cluster joined"),
+                    JoinDecision::Retry => {
+                        info!(cluster = %cluster.id, "cluster joined again with the same key (a retried join)")
+                    }
+                }
                 return Ok(proto::JoinResponse {
                     certificate_pem: cert_pem,
                     ca_certificate_pem: self.ca.cert_pem.clone(),
@@ -574,6 +635,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         // re-join, which issues another certificate) ends the stream. The admin's lasts.
         let (tx, rx) = mpsc::channel(16);
         let registry = self.registry.clone();
+        let closing = self.closing.clone();
         let holder = match identity {
             Identity::Cluster { id, serial } => Some((id, serial)),
             Identity::Admin => None,
@@ -592,6 +654,13 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
                         if valid() { continue } else { None }
                     }
                     _ = tx.closed() => return,
+                    _ = closing.cancelled() => {
+                        // Not awaited: a client that reads nothing must not hold the broker up.
+                        let _ = tx.try_send(Err(Status::unavailable(
+                            "the broker is shutting down; reconnect",
+                        )));
+                        return;
+                    }
                 };
                 match (item, &holder) {
                     (Some(item), _) if valid() => {
@@ -714,9 +783,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             Duration::from_secs(req.ttl_seconds)
         };
         let (token, expires_at_unix_ms) =
-            create_token(&self.store, self.clock.now(), ttl, req.single_use)
-                .await
-                .map_err(ServiceError::from)?;
+            create_token(&self.store, self.clock.now(), ttl, req.single_use).await?;
         Ok(Response::new(proto::CreateTokenResponse {
             token,
             expires_at_unix_ms,

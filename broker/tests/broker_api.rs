@@ -309,6 +309,7 @@ async fn a_cluster_cannot_write_another_clusters_records() {
             }),
             certificate_serial: "00".into(),
             joined_at_unix_ms: 0,
+            public_key_sha256: String::new(),
         })),
     };
     assert_eq!(

@@ -2,6 +2,7 @@
 //! table|json|yaml`, and the shutdown signal every long-running command waits for. The
 //! commands themselves are in the binary (`main.rs`, `cmd/`).
 
+pub mod daemon;
 pub mod output;
 
 /// Resolves on SIGTERM or SIGINT.

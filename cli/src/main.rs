@@ -82,18 +82,21 @@ fn main() -> std::process::ExitCode {
             Command::Lab(c) => cmd::lab::run(c).await,
         }
     });
+    // Tasks left behind (a blocking call, a client that did not let go) do not hold the exit
+    // up: each daemon has had its --shutdown-timeout already.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(quiet_per_query(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(quiet_per_query("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -106,6 +109,38 @@ fn init_logging(filter: &str, json: bool) {
 }
 
 /// A broker holds a connection per cluster: lift the soft open-files limit to the hard one.
+/// The error and its causes, each said once: many errors name their cause in their own
+/// message already (`cannot listen on X: address in use`), and would say it twice in a
+/// plain `{:#}`.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// hickory-server logs two lines at info for every DNS query it answers; at info they are
+/// noise (and cost: one write per query), so unless the filter asks for debug or trace, or
+/// names hickory itself, they are left out.
+fn quiet_per_query(filter: &str) -> String {
+    let verbose = filter
+        .split(',')
+        .any(|d| !d.contains('=') && matches!(d.trim(), "debug" | "trace"));
+    if verbose || filter.contains("hickory") {
+        filter.to_owned()
+    } else {
+        format!("{filter},hickory_server::server=warn")
+    }
+}
+
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
@@ -123,6 +158,34 @@ mod tests {
 
     /// The lab launches `clusterlink` with typed invocations; each must parse here, so a
     /// renamed or dropped flag fails this test rather than a lab at run time.
+    #[test]
+    fn an_error_says_its_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let listen = clusterlink_dns::server::DnsError::Listen {
+            addr: "127.0.0.1:53".parse().unwrap(),
+            source: io,
+        };
+        let e = anyhow::Error::new(listen).context("DNS plugin failed");
+        assert_eq!(
+            super::report(&e),
+            "DNS plugin failed: cannot listen on 127.0.0.1:53: address in use"
+        );
+        assert!(format!("{e:#}").matches("address in use").count() == 2);
+    }
+
+    #[test]
+    fn dns_queries_are_not_logged_one_line_each_at_info() {
+        assert_eq!(
+            super::quiet_per_query("info"),
+            "info,hickory_server::server=warn"
+        );
+        assert_eq!(super::quiet_per_query("debug"), "debug");
+        assert_eq!(
+            super::quiet_per_query("info,hickory_server=debug"),
+            "info,hickory_server=debug"
+        );
+    }
+
     #[test]
     fn every_invocation_the_lab_launches_parses() {
         let examples = clusterlink_lab::invoke::examples();

@@ -43,7 +43,15 @@ pub fn render<T: Tabular>(items: &[T], format: Format) -> Result<String> {
     })
 }
 
-#[allow(clippy::print_stdout)]
+/// Writes `s` to stdout. When the reader has gone (`clusterlink lab status | head`), the
+/// command ends quietly with success, as `cat` would under SIGPIPE, instead of panicking.
 pub fn print(s: &str) {
-    print!("{s}");
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        // Nowhere left to say it but stderr; the command's result stands.
+        Err(e) => tracing::warn!(error = %e, "cannot write to stdout"),
+    }
 }

@@ -1,6 +1,7 @@
-//! The controllers, over a manifest directory or the Kubernetes API ([`Source`]): every
-//! 250 ms (a directory) or 2 s (the API), and whenever the broker's view changes, read the
-//! source, reconcile every ServiceExport ([`crate::export`]), publish
+//! The controllers, over a manifest directory or the Kubernetes API ([`Source`]): when a
+//! file of the directory changes (inotify; a rescan every 30 s as the safety net; only changed
+//! files are read, see [`ManifestDir`]) or every 2 s (the API), and whenever the broker's view
+//! changes, read the source, reconcile every ServiceExport ([`crate::export`]), publish
 //! the records that changed, withdraw this cluster's records that are no longer exported,
 //! and write each export's conditions (only when they change: to `status/`, or the status
 //! subresource). Then write the cluster set's ServiceImports and EndpointSlices
@@ -9,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clusterlink_api::ClusterSet;
@@ -18,13 +20,13 @@ use clusterlink_broker_client::{ConnectError, Credentials, connect_with};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::export::reconcile_export;
 use crate::kube_source::KubeError;
-use crate::manifests::{export_file, read_dir};
+use crate::manifests::{ManifestDir, export_file};
 use crate::mcs::{ServiceExport, ServiceExportStatus};
 
 type Key = (String, String);
@@ -56,11 +58,18 @@ pub struct ExportController {
     statuses: BTreeMap<Key, Vec<Condition>>,
     /// What was last written, per import file name: its text, and its namespace and name.
     imported: BTreeMap<String, (String, Key)>,
+    /// The manifest directory as last read (a directory source only); `None` while a read
+    /// is running off the runtime.
+    manifests: Option<ManifestDir>,
     last_errors: Vec<String>,
 }
 
 impl ExportController {
     pub fn new(source: Source, creds: Credentials, local: ClusterId) -> Self {
+        let source_dir = match &source {
+            Source::Dir(d) => Some(d.clone()),
+            Source::Kube(_) => None,
+        };
         Self {
             source,
             creds,
@@ -70,19 +79,29 @@ impl ExportController {
             statuses: BTreeMap::new(),
             imported: BTreeMap::new(),
             last_errors: Vec::new(),
+            manifests: source_dir.as_ref().map(ManifestDir::new),
         }
     }
 
     /// Runs until the broker view's sender is gone.
     pub async fn run(mut self, mut view: watch::Receiver<Option<ClusterSet>>) {
-        let period = match &self.source {
+        // A directory is read again when the kernel says it changed (inotify), and at least
+        // every 30 s in case a notification was missed (a full queue, a network file system);
+        // the API is polled every 2 s.
+        let changed = Arc::new(Notify::new());
+        let (period, _watcher) = match &self.source {
             Source::Dir(dir) => {
                 info!(dir = %dir.display(), "controllers watching the manifest directory");
-                Duration::from_millis(250)
+                let watcher = watch_dir(dir, changed.clone());
+                if let Err(e) = &watcher {
+                    warn!(dir = %dir.display(), error = %e, "cannot watch the manifest directory for changes; reading it every 2 s instead");
+                }
+                let period = if watcher.is_ok() { 30 } else { 2 };
+                (Duration::from_secs(period), watcher.ok())
             }
             Source::Kube(_) => {
                 info!("controllers watching the Kubernetes API");
-                Duration::from_secs(2)
+                (Duration::from_secs(2), None)
             }
         };
         let mut tick = tokio::time::interval(period);
@@ -90,6 +109,10 @@ impl ExportController {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = changed.notified() => {
+                    // An editor's save is several events: take them as one.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 changed = view.changed() => if changed.is_err() { return },
             }
             let set = view.borrow().clone();
@@ -106,7 +129,18 @@ impl ExportController {
     pub async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), ControllerError> {
         let (m, errors) = match &self.source {
             Source::Dir(dir) => {
-                let (m, errors) = read_dir(dir);
+                // Parsing is CPU work on files of any size: off the async runtime.
+                let mut cache = self
+                    .manifests
+                    .take()
+                    .unwrap_or_else(|| ManifestDir::new(dir));
+                let (cache, (m, errors)) = tokio::task::spawn_blocking(move || {
+                    let r = cache.refresh();
+                    (cache, r)
+                })
+                .await
+                .map_err(|e| ControllerError::Read(e.to_string()))?;
+                self.manifests = Some(cache);
                 (m, errors.iter().map(ToString::to_string).collect())
             }
             Source::Kube(client) => match crate::kube_source::read(client.clone()).await {
@@ -344,6 +378,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), SinkError> {
 /// Why a pass of the export controller stopped (it runs again at the next tick).
 #[derive(Debug, Error)]
 pub enum ControllerError {
+    #[error("reading the manifest directory: {0}")]
+    Read(String),
     #[error("reading the Kubernetes API: {0}")]
     Kube(#[from] KubeError),
     #[error(transparent)]
@@ -355,6 +391,19 @@ pub enum ControllerError {
         name: String,
         status: tonic::Status,
     },
+}
+
+/// Pokes `changed` whenever an entry of `dir` (not of its subdirectories) changes.
+fn watch_dir(dir: &Path, changed: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // An error (the queue overflowed) may hide a change: read again either way.
+        if event.map_or(true, |e| !e.kind.is_access()) {
+            changed.notify_one();
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
 }
 
 fn refused(call: &'static str, (ns, name): &Key) -> impl FnOnce(tonic::Status) -> ControllerError {

@@ -18,7 +18,7 @@ use clusterlink_broker_client::follow;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{
-    Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
@@ -54,9 +54,17 @@ pub struct DnsConfig {
     pub zone: String,
     pub ttl: u32,
     pub policy: Policy,
+    /// The addresses `ns.<zone>` (the zone's name server, named by its SOA and NS records)
+    /// resolves to: where this plugin is reached.
+    pub ns_addresses: Vec<std::net::IpAddr>,
     /// Where the export and import controllers work (none: the plugin only answers).
     pub controllers: Option<crate::controller::Source>,
 }
+
+/// The largest UDP reply sent: whatever the client offers (RFC 6891 6.2.5), up to 64 KiB. A
+/// resolver that offers more than its path carries unfragmented (1232 is the usual choice)
+/// takes that risk itself.
+pub const MAX_UDP_PAYLOAD: u16 = u16::MAX;
 
 /// The zone's fixed parts: its name, labels, SOA and NS.
 pub struct Zone {
@@ -65,10 +73,16 @@ pub struct Zone {
     ttl: u32,
     soa: Record,
     ns: Record,
+    ns_name: Name,
+    ns_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Zone {
-    pub fn new(zone: &str, ttl: u32) -> Result<Self, DnsError> {
+    pub fn new(
+        zone: &str,
+        ttl: u32,
+        ns_addresses: Vec<std::net::IpAddr>,
+    ) -> Result<Self, DnsError> {
         let err = |reason: String| DnsError::Zone {
             zone: zone.to_owned(),
             reason,
@@ -98,13 +112,15 @@ impl Zone {
             ttl,
             RData::SOA(SOA::new(ns_name.clone(), admin, 1, 7200, 1800, 86400, ttl)),
         );
-        let ns = Record::from_rdata(origin.clone(), ttl, RData::NS(NS(ns_name)));
+        let ns = Record::from_rdata(origin.clone(), ttl, RData::NS(NS(ns_name.clone())));
         Ok(Self {
             origin,
             labels,
             ttl,
             soa,
             ns,
+            ns_name,
+            ns_addresses,
         })
     }
 }
@@ -153,6 +169,9 @@ impl Zone {
         name: &Name,
         rtype: RecordType,
     ) -> Reply {
+        if name.eq_ignore_root(&self.ns_name) {
+            return self.ns_reply(name, rtype);
+        }
         let got = answer(
             &self.labels,
             view,
@@ -182,6 +201,31 @@ impl Zone {
                 answers: Vec::new(),
                 authority: Vec::new(),
             },
+        }
+    }
+
+    /// The name server's own name: its addresses, so that the NS and SOA records lead
+    /// somewhere.
+    fn ns_reply(&self, name: &Name, rtype: RecordType) -> Reply {
+        let answers: Vec<Record> = self
+            .ns_addresses
+            .iter()
+            .filter(|ip| match rtype {
+                RecordType::A => ip.is_ipv4(),
+                RecordType::AAAA => ip.is_ipv6(),
+                RecordType::ANY => true,
+                _ => false,
+            })
+            .filter_map(|ip| self.record(name, &Data::Ip(*ip)))
+            .collect();
+        Reply {
+            code: ResponseCode::NoError,
+            authority: if answers.is_empty() {
+                vec![self.soa.clone()]
+            } else {
+                Vec::new()
+            },
+            answers,
         }
     }
 
@@ -222,7 +266,15 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response: R,
     ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        // EDNS(0): a client that sends an OPT record gets one back, and UDP replies up to
+        // the size it offered (at least 512, at most MAX_UDP_PAYLOAD) instead of 512 bytes.
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_version(0);
+            e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            e
+        });
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
         let fail = |code: ResponseCode| {
             let mut m = Metadata::response_from_request(&request.metadata);
             m.response_code = code;
@@ -231,14 +283,31 @@ impl RequestHandler for Handler {
         let plain_query = request.metadata.message_type == MessageType::Query
             && request.metadata.op_code == OpCode::Query
             && request.queries.queries().len() == 1;
-        let info = match request.request_info() {
-            Ok(info) if plain_query => info,
-            _ => {
-                let code = if request.metadata.op_code == OpCode::Query {
-                    ResponseCode::FormErr
-                } else {
-                    ResponseCode::NotImp
-                };
+        // What the query is, or the error code it gets: an EDNS version other than 0
+        // (RFC 6891 6.1.3), not one plain query, or a name outside the zone.
+        let asked = if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            Err(ResponseCode::BADVERS)
+        } else {
+            match request.request_info() {
+                Ok(info) if plain_query => {
+                    Ok((Name::from(info.query.name()), info.query.query_type()))
+                }
+                _ if request.metadata.op_code == OpCode::Query => Err(ResponseCode::FormErr),
+                _ => Err(ResponseCode::NotImp),
+            }
+        };
+        let answered = asked.and_then(|(name, qtype)| {
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+            let view = self.view.borrow().clone();
+            let reply = self.zone.reply(&view, self.policy, turn, &name, qtype);
+            match reply.code {
+                ResponseCode::Refused => Err(ResponseCode::Refused),
+                _ => Ok(reply),
+            }
+        });
+        let reply = match answered {
+            Ok(reply) => reply,
+            Err(code) => {
                 return send(
                     &mut response,
                     builder.error_msg(&request.metadata, code),
@@ -247,21 +316,6 @@ impl RequestHandler for Handler {
                 .await;
             }
         };
-        let name: Name = info.query.name().into();
-        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let view = self.view.borrow().clone();
-        let reply = self
-            .zone
-            .reply(&view, self.policy, turn, &name, info.query.query_type());
-        if reply.code == ResponseCode::Refused {
-            let code = ResponseCode::Refused;
-            return send(
-                &mut response,
-                builder.error_msg(&request.metadata, code),
-                fail(code),
-            )
-            .await;
-        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         metadata.response_code = reply.code;
@@ -304,7 +358,7 @@ pub async fn serve_fixed(
     view: View,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DnsError> {
-    let zone = Zone::new(&config.zone, config.ttl)?;
+    let zone = Zone::new(&config.zone, config.ttl, config.ns_addresses.clone())?;
     let (_tx, rx) = watch::channel(Arc::new(view));
     serve(config, zone, rx, shutdown).await
 }
@@ -349,7 +403,7 @@ pub async fn run(
         .cluster()
         .cloned()
         .ok_or_else(|| DnsError::NotACluster(credentials.identity.clone()))?;
-    let zone = Zone::new(&config.zone, config.ttl)?;
+    let zone = Zone::new(&config.zone, config.ttl, config.ns_addresses.clone())?;
     let (view_tx, view_rx) = watch::channel(Arc::new(View {
         local: Some(local.clone()),
         ..View::default()
@@ -370,10 +424,7 @@ pub async fn run(
                 changed = set.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let now = clusterlink_api::unix_ms(std::time::SystemTime::now());
             let view = set
                 .borrow_and_update()
                 .as_ref()

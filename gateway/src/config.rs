@@ -69,7 +69,7 @@ pub fn load_or_create_key(path: &Path) -> Result<StaticSecret, GatewayError> {
         reason,
     };
     let b64 = base64::engine::general_purpose::STANDARD;
-    match std::fs::read_to_string(path) {
+    match clusterlink_broker_client::fs::read_limited(path, 4096) {
         Ok(text) => {
             let bytes = b64
                 .decode(text.trim())

@@ -72,7 +72,61 @@ pub struct LabNode {
     pub agent_pid: u32,
 }
 
+/// One process of a lab as it is now.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabProcess {
+    pub role: String,
+    pub pid: u32,
+    pub running: bool,
+}
+
+/// Is `pid` a live process of a clusterlink binary? A pid whose process exited (or became a
+/// zombie), or was reused by something else, is not.
+pub fn is_lab_process(pid: u32) -> bool {
+    let proc = Path::new("/proc").join(pid.to_string());
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, Some("Z" | "X")) {
+        return false;
+    }
+    std::fs::read(proc.join("cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| String::from_utf8_lossy(argv0).contains("clusterlink"))
+    })
+}
+
 impl LabState {
+    /// Every process the lab started, by role, and whether it still runs.
+    pub fn processes(&self) -> Vec<LabProcess> {
+        let p = |role: String, pid: u32| LabProcess {
+            running: is_lab_process(pid),
+            role,
+            pid,
+        };
+        let mut all = vec![p("broker".into(), self.broker_pid)];
+        for c in &self.clusters {
+            for g in &c.gateways {
+                all.push(p(format!("{} gateway {}", c.name, g.node), g.pid));
+            }
+            for n in &c.nodes {
+                all.push(p(
+                    format!("{} route agent {}", c.name, n.node.name),
+                    n.agent_pid,
+                ));
+            }
+            all.push(p(format!("{} DNS plugin", c.name), c.dns_pid));
+            all.push(p(format!("{} echo server", c.name), c.echo_pid));
+        }
+        all
+    }
+
     /// Every process the lab started.
     pub fn pids(&self) -> Vec<u32> {
         std::iter::once(self.broker_pid)
@@ -446,10 +500,17 @@ impl Lab {
             .exit_status(self.state.clusters[cluster].gateways[k].pid)
     }
 
-    /// Stops gateway `k` of a cluster with SIGTERM and waits for it to exit.
-    pub fn terminate_gateway(&self, cluster: usize, k: usize) -> bool {
-        self.bed
-            .terminate(self.state.clusters[cluster].gateways[k].pid)
+    /// Stops gateway `k` of a cluster with SIGTERM and waits up to 10 s for it to exit: how it
+    /// exited and how long it took.
+    pub fn terminate_gateway(
+        &self,
+        cluster: usize,
+        k: usize,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
+        self.bed.terminate_within(
+            self.state.clusters[cluster].gateways[k].pid,
+            Duration::from_secs(10),
+        )
     }
 
     /// Stops the broker (the data plane must not notice).
@@ -498,10 +559,15 @@ impl Lab {
             .node
     }
 
-    /// Stops a node's route agent (SIGTERM, so it may clean up) and waits for it to exit.
-    pub fn stop_agent(&mut self, cluster: usize, node: usize) {
+    /// Stops a node's route agent (SIGTERM, so it may clean up) and waits up to 10 s for it to
+    /// exit: how it exited and how long it took.
+    pub fn stop_agent(
+        &mut self,
+        cluster: usize,
+        node: usize,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
         let pid = self.state.clusters[cluster].nodes[node].agent_pid;
-        self.bed.terminate(pid);
+        self.bed.terminate_within(pid, Duration::from_secs(10))
     }
 
     /// Starts a node's route agent again.

@@ -310,24 +310,40 @@ impl Testbed {
     /// Stops a process with SIGTERM, so that it may clean up, and waits up to 10 s for it
     /// to exit (then kills it). Returns whether it exited by itself.
     pub fn terminate(&self, pid: u32) -> bool {
-        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(i) = children.iter().position(|c| c.id() == pid) else {
-            return false;
+        self.terminate_within(pid, Duration::from_secs(10))
+            .is_some()
+    }
+
+    /// Sends SIGTERM to one process this testbed started and waits up to `timeout` for it to
+    /// exit: how it exited and how long it took, or `None` if it did not (it is then killed).
+    pub fn terminate_within(
+        &self,
+        pid: u32,
+        timeout: Duration,
+    ) -> Option<(std::process::ExitStatus, Duration)> {
+        let mut c = {
+            let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+            let i = children.iter().position(|c| c.id() == pid)?;
+            children.remove(i)
         };
-        let mut c = children.remove(i);
+        let start = Instant::now();
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let exited = wait_until("the process to exit", Duration::from_secs(10), || {
-            matches!(c.try_wait(), Ok(Some(_)))
-        })
-        .is_ok();
-        if !exited {
-            let _ = c.kill();
-            let _ = c.wait();
+        let mut status = None;
+        let _ = wait_until("the process to exit", timeout, || {
+            status = c.try_wait().ok().flatten();
+            status.is_some()
+        });
+        match status {
+            Some(s) => Some((s, start.elapsed())),
+            None => {
+                let _ = c.kill();
+                let _ = c.wait();
+                None
+            }
         }
-        exited
     }
 
     pub fn namespaces(&self) -> Vec<Netns> {

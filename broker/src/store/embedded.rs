@@ -84,8 +84,27 @@ pub struct EmbeddedStore {
 struct Inner {
     db: Arc<Database>,
     path: PathBuf,
-    requests: Mutex<std_mpsc::Sender<Request>>,
+    /// Taken on drop, which ends the writer thread.
+    requests: Mutex<Option<std_mpsc::Sender<Request>>>,
     events: broadcast::Sender<Arc<Vec<Event>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// The last handle to the store closes it: the writer finishes what it holds and exits, so
+    /// that the database file is released (and can be opened again) when this returns.
+    fn drop(&mut self) {
+        drop(lock(&self.requests).take());
+        if let Some(writer) = lock(&self.writer).take()
+            && writer.join().is_err()
+        {
+            warn!(path = %self.path.display(), "the store's writer thread panicked");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 enum Request {
@@ -119,7 +138,7 @@ impl EmbeddedStore {
         let (tx, rx) = std_mpsc::channel();
         let (events, _) = broadcast::channel(1024);
         let events2 = events.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(rx, events2))
             .map_err(|e| err(redb::Error::Io(e)))?;
@@ -127,8 +146,9 @@ impl EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 path,
-                requests: Mutex::new(tx),
+                requests: Mutex::new(Some(tx)),
                 events,
+                writer: Mutex::new(Some(writer)),
             }),
         })
     }
@@ -138,10 +158,9 @@ impl EmbeddedStore {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .requests
-            .lock()
-            .map_err(|_| StoreError::Closed)?
+        lock(&self.inner.requests)
+            .as_ref()
+            .ok_or(StoreError::Closed)?
             .send(make(tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -320,7 +339,13 @@ impl Store for EmbeddedStore {
                 }
                 after = after.max(current);
                 loop {
-                    match live.recv().await {
+                    // A watch nobody reads any more ends here, not at the next write: it holds
+                    // the store open.
+                    let next = tokio::select! {
+                        next = live.recv() => next,
+                        _ = tx.closed() => return,
+                    };
+                    match next {
                         Ok(batch) => {
                             let fresh: Vec<Event> = batch
                                 .iter()

@@ -224,7 +224,11 @@ impl Store for EtcdStore {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match stream.message().await {
+                let next = tokio::select! {
+                    next = stream.message() => next,
+                    _ = tx.closed() => return,
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => return,
                     Err(e) => {

@@ -10,11 +10,14 @@ use clap::{Args, Subcommand};
 use clusterlink_api::proto;
 use clusterlink_broker::deploy::{AnyStore, BrokerConfig, DataDir, StoreSpec};
 use clusterlink_broker::server::serve;
-use clusterlink_broker::service::{SystemClock, create_token};
-use clusterlink_broker_client::{BrokerInfo, Credentials, check_address, connect_with};
+use clusterlink_broker::service::{MAX_TOKEN_TTL, MIN_TOKEN_TTL, SystemClock, create_token};
+use clusterlink_broker_client::{
+    BrokerInfo, Credentials, check_address, connect_with, rfc3339_from_unix_ms,
+};
 use tracing::info;
 
 use super::{CredentialsArg, call};
+use clusterlink_cli::daemon::{self, ShutdownArgs};
 use clusterlink_cli::output::print;
 
 #[derive(Args)]
@@ -33,10 +36,10 @@ pub struct DeployArgs {
     #[arg(long, default_value = "embedded")]
     pub store: StoreSpec,
     /// Extra DNS names or IPs for the broker's server certificate.
-    #[arg(long = "server-name")]
+    #[arg(long = "server-name", value_parser = parse_server_name)]
     pub server_names: Vec<String>,
-    /// How long the join token in the broker-info file stays valid.
-    #[arg(long, default_value = "24h")]
+    /// How long the join token in the broker-info file stays valid (1m to 365d).
+    #[arg(long, default_value = "24h", value_parser = parse_token_ttl)]
     pub token_ttl: humantime::Duration,
     /// Make the join token usable by one cluster only.
     #[arg(long)]
@@ -67,12 +70,14 @@ pub struct RunArgs {
     /// Override the store from broker.yaml.
     #[arg(long)]
     pub store: Option<StoreSpec>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
 pub struct RevokeArgs {
     /// The cluster to revoke.
-    pub cluster_id: String,
+    pub cluster_id: clusterlink_api::ClusterId,
     #[command(flatten)]
     pub credentials: CredentialsArg,
 }
@@ -85,7 +90,8 @@ pub enum TokenCommand {
 
 #[derive(Args)]
 pub struct TokenCreateArgs {
-    #[arg(long, default_value = "24h")]
+    /// How long the token stays valid (1m to 365d).
+    #[arg(long, default_value = "24h", value_parser = parse_token_ttl)]
     pub ttl: humantime::Duration,
     #[arg(long)]
     pub single_use: bool,
@@ -153,10 +159,10 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
             admin.key_pem,
         )
         .write(&dir.admin_path())?;
-        anyhow::Ok(info_path)
+        anyhow::Ok((info_path, expires))
     }
     .await;
-    let info_path = match result {
+    let (info_path, expires) = match result {
         Ok(p) => p,
         Err(e) => {
             // Leave no half-made broker behind.
@@ -166,12 +172,12 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
         }
     };
     print(&format!(
-        "Broker created in {dir}.\n  store:       {store}\n  listen:      {listen}\n  advertised:  {advertise}\n  broker-info: {info} (token valid {ttl}{single})\n  admin:       {admin}\n\nStart it:    clusterlink broker run --data-dir {dir}\nJoin a cluster: clusterlink join {info} --cluster-id ID --pod-cidr CIDR --service-cidr CIDR\n",
+        "Broker created in {dir}.\n  store:       {store}\n  listen:      {listen}\n  advertised:  {advertise}\n  broker-info: {info} (token valid until {until}{single})\n  admin:       {admin}\n\nStart it:    clusterlink broker run --data-dir {dir}\nJoin a cluster: clusterlink join {info} --cluster-id ID --pod-cidr CIDR --service-cidr CIDR\n",
         dir = dir.root.display(),
         store = a.store,
         listen = a.listen,
         info = info_path.display(),
-        ttl = a.token_ttl,
+        until = rfc3339_from_unix_ms(expires),
         single = if a.single_use { ", single use" } else { "" },
         admin = dir.admin_path().display(),
     ));
@@ -208,17 +214,17 @@ async fn run_broker(a: RunArgs) -> Result<()> {
         .with_context(|| format!("Failed to open the store {store_spec}"))?;
     info!(%listen, store = %store_spec, "starting broker");
     let clock = Arc::new(SystemClock);
-    let shutdown = shutdown_signal();
-    match store {
-        AnyStore::Embedded(s) => serve(s, tls, listener, clock, shutdown).await?,
-        AnyStore::Etcd(s) => serve(*s, tls, listener, clock, shutdown).await?,
-    }
+    daemon::run("broker", a.shutdown.grace(), |stop| async move {
+        match store {
+            AnyStore::Embedded(s) => serve(s, tls, listener, clock, stop).await?,
+            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, stop).await?,
+        }
+        Ok(())
+    })
+    .await?;
     info!("broker stopped");
     Ok(())
 }
-
-/// Resolves on SIGINT or SIGTERM.
-pub use clusterlink_cli::shutdown_signal;
 
 async fn revoke(a: RevokeArgs) -> Result<()> {
     let creds = a.credentials.load()?;
@@ -226,7 +232,7 @@ async fn revoke(a: RevokeArgs) -> Result<()> {
     let r = call(
         "revoke",
         client.revoke_cluster(proto::RevokeClusterRequest {
-            cluster_id: a.cluster_id.clone(),
+            cluster_id: a.cluster_id.to_string(),
         }),
     )
     .await?;
@@ -255,11 +261,30 @@ async fn token_create(a: TokenCreateArgs) -> Result<()> {
         r.expires_at_unix_ms,
     )
     .write(&a.output)?;
+    // What the broker granted, not what was asked.
     print(&format!(
-        "Wrote {} (token valid {}{}).\n",
+        "Wrote {} (token valid until {}{}).\n",
         a.output.display(),
-        a.ttl,
+        rfc3339_from_unix_ms(r.expires_at_unix_ms),
         if a.single_use { ", single use" } else { "" }
     ));
     Ok(())
+}
+
+/// A join token lifetime, within what the broker grants.
+fn parse_token_ttl(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s
+        .parse()
+        .map_err(|e| format!("{e} (expected a duration such as 24h or 7d)"))?;
+    if (MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&*d) {
+        Ok(d)
+    } else {
+        Err(format!("{s} is out of range: give 1m to 365d"))
+    }
+}
+
+/// A DNS name or IP address for the broker's certificate.
+fn parse_server_name(s: &str) -> Result<String, String> {
+    clusterlink_broker_client::check_host(s)?;
+    Ok(s.to_owned())
 }

@@ -1,6 +1,6 @@
 //! `clusterlink dns run`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -9,7 +9,8 @@ use clusterlink_dns::controller::Source;
 use clusterlink_dns::server::{DnsConfig, run as run_dns};
 
 use super::CredentialsArg;
-use super::broker::shutdown_signal;
+use clusterlink_cli::daemon::{self, ShutdownArgs};
+use tracing::warn;
 
 #[derive(Subcommand)]
 pub enum DnsCommand {
@@ -50,6 +51,13 @@ pub struct RunArgs {
     /// EndpointSlices.
     #[arg(long)]
     pub kubernetes: bool,
+    /// The address(es) the zone's name server `ns.<zone>` resolves to (repeat for several):
+    /// where clients reach this plugin, e.g. its Service's ClusterIP. Default: the listen
+    /// address, or with a wildcard listen address, this host's addresses of that family.
+    #[arg(long = "ns-address")]
+    pub ns_addresses: Vec<std::net::IpAddr>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 pub async fn run(c: DnsCommand) -> Result<()> {
@@ -63,6 +71,11 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     PolicyArg::RoundRobin => Policy::RoundRobin,
                     PolicyArg::Nearest => Policy::Nearest,
                 },
+                ns_addresses: if a.ns_addresses.is_empty() {
+                    default_ns_addresses(a.listen.ip())
+                } else {
+                    a.ns_addresses
+                },
                 controllers: match (a.manifests, a.kubernetes) {
                     (Some(dir), _) => Some(Source::Dir(dir)),
                     (None, true) => Some(Source::Kube(kube::Client::try_default().await.context(
@@ -72,9 +85,45 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     (None, false) => None,
                 },
             };
-            run_dns(config, a.credentials.load()?, shutdown_signal())
-                .await
-                .context("DNS plugin failed")
+            let credentials = a.credentials.load()?;
+            daemon::run("DNS plugin", a.shutdown.grace(), |stop| async move {
+                run_dns(config, credentials, stop)
+                    .await
+                    .context("DNS plugin failed")
+            })
+            .await
         }
     }
+}
+
+/// The listen address; for a wildcard, the addresses of this host's interfaces that are up,
+/// of the same family, loopback last (so a plugin on one host still names one).
+fn default_ns_addresses(listen: IpAddr) -> Vec<IpAddr> {
+    if !listen.is_unspecified() {
+        return vec![listen];
+    }
+    let mut found: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+                .filter_map(|a| {
+                    let sa = a.address?;
+                    sa.as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                })
+                .filter(|ip| ip.is_ipv4() == listen.is_ipv4())
+                .filter(|ip| match ip {
+                    IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+                    IpAddr::V4(_) => true,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(|ip| ip.is_loopback());
+    found.dedup();
+    if found.is_empty() {
+        warn!("no interface address found for ns.<zone>; give --ns-address");
+    }
+    found
 }

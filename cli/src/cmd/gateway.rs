@@ -9,7 +9,7 @@ use clusterlink_api::NodeName;
 use clusterlink_gateway::{GatewayConfig, run as run_gateway};
 
 use super::CredentialsArg;
-use super::broker::shutdown_signal;
+use clusterlink_cli::daemon::{self, ShutdownArgs};
 
 #[derive(Subcommand)]
 pub enum GatewayCommand {
@@ -55,6 +55,8 @@ pub struct GatewayRunArgs {
     /// where replies take longer (a WAN between the clusters), it shrinks to nothing.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub busy_poll_us: u32,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 pub async fn run(c: GatewayCommand) -> Result<()> {
@@ -72,9 +74,10 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
                 lease: std::time::Duration::from_millis(u64::from(a.lease_ms)),
                 busy_poll: std::time::Duration::from_micros(u64::from(a.busy_poll_us)),
             };
-            run_gateway(config, shutdown_signal())
-                .await
-                .context("Gateway failed")
+            daemon::run("gateway", a.shutdown.grace(), |stop| async move {
+                run_gateway(config, stop).await.context("Gateway failed")
+            })
+            .await
         }
     }
 }

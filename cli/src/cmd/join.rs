@@ -1,17 +1,21 @@
 //! `clusterlink join`: redeem a broker-info file's token for this cluster's credentials.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use clusterlink_api::{Cluster, proto};
-use clusterlink_broker::pki::new_client_key;
-use clusterlink_broker_client::{BrokerInfo, Credentials, connect};
+use clusterlink_api::{Cluster, Kind, Record, proto};
+use clusterlink_broker::pki::{client_public_key, new_client_key};
+use clusterlink_broker_client::{
+    BrokerInfo, Credentials, JoinOutput, PendingJoin, connect, connect_with,
+};
+use tracing::info;
 
-use super::call;
+use super::{RPC_TIMEOUT, call, explain};
 use clusterlink_cli::output::print;
+use tonic::Code;
 
 #[derive(Args)]
 pub struct JoinArgs {
@@ -36,15 +40,7 @@ pub struct JoinArgs {
 
 pub async fn run(a: JoinArgs) -> Result<()> {
     let info = BrokerInfo::read(&a.broker_info, SystemTime::now())?;
-    let labels = a
-        .labels
-        .iter()
-        .map(|l| {
-            l.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| anyhow!("--label {l:?} is not KEY=VALUE"))
-        })
-        .collect::<Result<BrokerTreeMap>>()?;
+    let labels = parse_labels(&a.labels)?;
     let request_cluster = proto::Cluster {
         id: a.cluster_id.clone(),
         pod_cidrs: a.pod_cidrs.clone(),
@@ -57,18 +53,88 @@ pub async fn run(a: JoinArgs) -> Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("clusterlink-{}.yaml", cluster.id)));
-    // The key is made here and never leaves this machine; the broker signs its public half.
-    let (key_pem, public_key_der) = new_client_key().context("Failed to make a key pair")?;
-    let mut client = connect(&info.address, &info.ca_certificate, None).await?;
-    let resp = call(
-        "join",
+    // The output is settled before the broker is asked anything: a join that cannot save its
+    // credentials must not spend the token or take the ID. The key is made here and never
+    // leaves this machine; the broker signs its public half.
+    let existing = JoinOutput::read(&output).with_context(|| {
+        format!(
+            "Cannot use {} for the credentials; nothing was sent to the broker",
+            output.display()
+        )
+    })?;
+    let (key_pem, created) = match existing {
+        None => {
+            let (key_pem, _) = new_client_key().context("Failed to make a key pair")?;
+            PendingJoin::new(info.address.clone(), cluster.id.clone(), key_pem.clone())
+                .create(&output)
+                .context("Cannot write the credentials file; nothing was sent to the broker")?;
+            (key_pem, true)
+        }
+        Some(JoinOutput::Pending(p)) if p.cluster_id == cluster.id && p.address == info.address => {
+            info!(path = %output.display(), "resuming the join that was interrupted, with its key");
+            (p.private_key, false)
+        }
+        Some(JoinOutput::Joined(c))
+            if c.cluster() == Some(&cluster.id) && c.address == info.address =>
+        {
+            return already_joined(&c, &cluster, &output).await;
+        }
+        Some(other) => bail!(
+            "{} already holds {}; choose another --output, or remove it if it is no longer needed",
+            output.display(),
+            match other {
+                JoinOutput::Pending(p) => format!(
+                    "an unfinished join of cluster {} to the broker at {}",
+                    p.cluster_id, p.address
+                ),
+                JoinOutput::Joined(c) => format!(
+                    "the credentials of {} at the broker at {}",
+                    c.identity, c.address
+                ),
+            }
+        ),
+    };
+    let public_key_der = client_public_key(&key_pem)
+        .with_context(|| format!("The key in {} is not usable", output.display()))?;
+    // A broker that refused leaves nothing to resume: the pending file this run made goes.
+    // One that could not be reached, or did not answer, may have registered the cluster: the
+    // file stays, and the same command finishes the join.
+    let forget = |e: anyhow::Error| {
+        if created {
+            let _ = std::fs::remove_file(&output);
+        }
+        e
+    };
+    let mut client = connect(&info.address, &info.ca_certificate, None)
+        .await
+        .map_err(|e| forget(e.into()))?;
+    let resp = match tokio::time::timeout(
+        RPC_TIMEOUT,
         client.join(proto::JoinRequest {
             token: info.token.clone(),
             cluster: Some(request_cluster),
             public_key_der,
         }),
     )
-    .await?;
+    .await
+    {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) if !matches!(status.code(), Code::Unavailable | Code::Unknown) => {
+            return Err(forget(explain("join", &status)));
+        }
+        Ok(Err(status)) => {
+            return Err(explain("join", &status).context(format!(
+                "The join may or may not have reached the broker; run the same command again \
+                 to finish it (the key is kept in {})",
+                output.display()
+            )));
+        }
+        Err(_) => bail!(
+            "join: the broker did not answer within {RPC_TIMEOUT:?}; run the same command again \
+             to finish the join (the key is kept in {})",
+            output.display()
+        ),
+    };
     Credentials::new(
         info.address.clone(),
         resp.ca_certificate_pem,
@@ -76,7 +142,14 @@ pub async fn run(a: JoinArgs) -> Result<()> {
         resp.certificate_pem,
         key_pem,
     )
-    .write(&output)?;
+    .write(&output)
+    .with_context(|| {
+        format!(
+            "Cluster {} joined, but its credentials could not be saved; run the same join \
+             again to finish it",
+            cluster.id
+        )
+    })?;
     print(&format!(
         "Cluster {} joined the broker at {}.\nCredentials: {} (keep it private: it holds this cluster's key)\n",
         cluster.id,
@@ -86,4 +159,81 @@ pub async fn run(a: JoinArgs) -> Result<()> {
     Ok(())
 }
 
-type BrokerTreeMap = BTreeMap<String, String>;
+/// The output holds this cluster's credentials already: the same join again is a no-op if
+/// the broker has the cluster as asked (nothing is re-issued: the running components keep
+/// their certificate); anything else is an error that says what differs.
+async fn already_joined(creds: &Credentials, want: &Cluster, output: &Path) -> Result<()> {
+    let stale = || {
+        format!(
+            "{} holds credentials of cluster {} that the broker does not accept (revoked?); \
+             remove the file and join again with a fresh token",
+            output.display(),
+            want.id
+        )
+    };
+    let mut client = connect_with(creds).await.with_context(stale)?;
+    let resp = call(
+        "list clusters",
+        client.list(proto::ListRequest {
+            kind: Kind::Clusters.to_proto() as i32,
+        }),
+    )
+    .await
+    .with_context(stale)?;
+    let registered = resp
+        .records
+        .into_iter()
+        .filter_map(|r| match Record::try_from(r) {
+            Ok(Record::Cluster(reg)) => Some(reg.cluster),
+            _ => None,
+        })
+        .find(|c| c.id == want.id)
+        .with_context(stale)?;
+    if registered != *want {
+        bail!(
+            "cluster \"{id}\" has already joined, with pod CIDRs {pods}, service CIDRs {svcs} and \
+             labels {labels:?}; to change them, revoke it (clusterlink broker revoke {id}) and join \
+             again",
+            id = want.id,
+            pods = registered.pod_cidrs,
+            svcs = registered.service_cidrs,
+            labels = registered.labels,
+        );
+    }
+    print(&format!(
+        "Cluster {} has already joined the broker at {} as asked; its credentials are in {}.\n",
+        want.id,
+        creds.address,
+        output.display()
+    ));
+    Ok(())
+}
+
+/// `KEY=VALUE` labels; a key given twice is an error, not a silent overwrite.
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--label {l:?} is not KEY=VALUE"))?;
+        if let Some(first) = out.insert(k.to_owned(), v.to_owned()) {
+            bail!("--label {k} is given twice ({first:?} and {v:?}); give each key once");
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_labels;
+
+    #[test]
+    fn labels_are_key_value_and_each_key_once() {
+        let ok = parse_labels(&["region=eu".into(), "zone=a".into()]).unwrap();
+        assert_eq!(ok.len(), 2);
+        let e = parse_labels(&["region=eu".into(), "region=us".into()]).unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
+        let e = parse_labels(&["region".into()]).unwrap_err();
+        assert!(e.to_string().contains("not KEY=VALUE"), "{e}");
+    }
+}

@@ -6,12 +6,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use clusterlink_lab::lab::{ECHO_NAME, LAB_PREFIX, LabState, echo_roundtrip, resolve};
+use clusterlink_broker_client::files::MAX_FILE_BYTES;
+use clusterlink_broker_client::fs::read_limited;
+use clusterlink_lab::lab::{
+    ECHO_NAME, LAB_PREFIX, LabProcess, LabState, echo_roundtrip, is_lab_process, resolve,
+};
 use clusterlink_lab::netns::{ip, remove_namespace, sweep_stale};
 use clusterlink_lab::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
 
-use clusterlink_cli::output::{Format, Tabular, print, render};
+use clusterlink_cli::output::{Format, Tabular, print, render, serialize};
 
 const NAMES: [&str; 8] = [
     "east", "west", "north", "south", "central", "edge", "core", "metro",
@@ -106,7 +110,7 @@ fn state_path(dir: &DirArg) -> PathBuf {
 
 fn load(dir: &DirArg) -> Result<LabState> {
     let path = state_path(dir);
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let text = read_limited(&path, MAX_FILE_BYTES).with_context(|| {
         format!(
             "No lab is running (no {}); start one with `clusterlink lab up`",
             path.display()
@@ -394,14 +398,37 @@ fn connections_table(state: &LabState) -> Result<String> {
 
 fn status(a: StatusArgs) -> Result<()> {
     let state = load(&a.dir)?;
+    let processes = state.processes();
     match a.output {
         Format::Table => {
             print(&describe(&state));
+            print("\nProcesses:\n");
+            let mut t = String::new();
+            for p in &processes {
+                t.push_str(&format!(
+                    "  {:<8} {:>7}  {}\n",
+                    if p.running { "running" } else { "exited" },
+                    p.pid,
+                    p.role
+                ));
+            }
+            print(&t);
             print("\nTunnels:\n");
             print(&connections_table(&state)?);
         }
-        Format::Json => print(&(serde_json::to_string_pretty(&state)? + "\n")),
-        Format::Yaml => print(&serde_saphyr::to_string(&state)?),
+        Format::Json | Format::Yaml => {
+            #[derive(serde::Serialize)]
+            struct Status<'a> {
+                #[serde(flatten)]
+                state: &'a LabState,
+                processes: &'a [LabProcess],
+            }
+            let s = Status {
+                state: &state,
+                processes: &processes,
+            };
+            print(&serialize(&s, a.output)?);
+        }
     }
     Ok(())
 }
@@ -465,7 +492,7 @@ fn exec(a: ExecArgs) -> Result<()> {
 
 fn down(dir: &DirArg) -> Result<()> {
     let path = state_path(dir);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Ok(text) = read_limited(&path, MAX_FILE_BYTES) else {
         sweep_stale();
         // No state, but maybe the namespaces of a lab whose `up` died midway.
         let orphans = lab_namespaces();
@@ -484,21 +511,54 @@ fn down(dir: &DirArg) -> Result<()> {
     };
     let state: LabState = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a lab state file", path.display()))?;
-    for pid in state.pids() {
+    // Only processes that are still the lab's: a recorded pid may belong to another process
+    // by now.
+    let live: Vec<LabProcess> = state
+        .processes()
+        .into_iter()
+        .filter(|p| p.running)
+        .collect();
+    for p in &live {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
+            nix::unistd::Pid::from_raw(p.pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    // Every namespace with the lab's prefix, recorded or not.
+    let stuck: Vec<&LabProcess> = live
+        .iter()
+        .filter(|p| {
+            clusterlink_lab::netns::wait_until(
+                "a lab process to stop",
+                Duration::from_secs(5),
+                || !is_lab_process(p.pid),
+            )
+            .is_err()
+        })
+        .collect();
+    // Every namespace with the lab's prefix, recorded or not; each tried, whatever fails.
+    let mut left = Vec::new();
     for name in lab_namespaces() {
-        remove_namespace(&name).with_context(|| format!("Cannot remove namespace {name}"))?;
+        if let Err(e) = remove_namespace(&name) {
+            left.push(format!("namespace {name} ({e})"));
+        }
+    }
+    for p in stuck {
+        left.push(format!("{} (pid {}) did not stop", p.role, p.pid));
+    }
+    if !left.is_empty() {
+        // The state stays, so that `lab down` can be run again once the cause is fixed.
+        bail!(
+            "Lab {} could not be removed completely; still there:\n  {}",
+            state.prefix.trim_end_matches('-'),
+            left.join("\n  ")
+        );
     }
     let _ = std::fs::remove_dir_all(&state.dir);
     std::fs::remove_file(&path)?;
     print(&format!(
-        "Lab {} removed.\n",
-        state.prefix.trim_end_matches('-')
+        "Lab {} removed ({} process(es) stopped).\n",
+        state.prefix.trim_end_matches('-'),
+        live.len()
     ));
     Ok(())
 }

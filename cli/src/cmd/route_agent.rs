@@ -10,7 +10,7 @@ use clusterlink_route_agent::core::Ownership;
 use clusterlink_route_agent::{AgentConfig, cleanup, run as run_agent};
 
 use super::CredentialsArg;
-use super::broker::shutdown_signal;
+use clusterlink_cli::daemon::{self, ShutdownArgs};
 
 #[derive(Subcommand)]
 pub enum RouteAgentCommand {
@@ -90,6 +90,8 @@ pub struct RunArgs {
     /// Remove everything the agent added when it stops.
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -123,9 +125,10 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 resync: a.resync.max(Duration::from_millis(100)),
                 cleanup_on_exit: a.cleanup_on_exit,
             };
-            run_agent(config, shutdown_signal())
-                .await
-                .context("Route agent failed")
+            daemon::run("route agent", a.shutdown.grace(), |stop| async move {
+                run_agent(config, stop).await.context("Route agent failed")
+            })
+            .await
         }
         RouteAgentCommand::Cleanup(a) => {
             let removed = cleanup(

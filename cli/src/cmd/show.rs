@@ -70,6 +70,16 @@ pub async fn run(c: ShowCommand) -> Result<()> {
     }
 }
 
+/// The first `n` items and how many more: a headless service of 200 endpoints is one line in a
+/// table (`-o json|yaml` lists every one).
+fn summarize(items: &[String], n: usize) -> String {
+    if items.len() <= n {
+        items.join(",")
+    } else {
+        format!("{},… (+{} more)", items[..n].join(","), items.len() - n)
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceView {
@@ -105,7 +115,7 @@ impl Tabular for ServiceView {
             self.service.clone(),
             self.cluster.clone(),
             self.type_.clone(),
-            self.addresses.join(","),
+            summarize(&self.addresses, 4),
             self.ports.join(","),
             format!(
                 "{} ({} endpoints)",
@@ -330,4 +340,21 @@ async fn clusters(a: ShowArgs) -> Result<()> {
     }
     print(&render(&views, a.output)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize;
+
+    #[test]
+    fn long_address_lists_are_summarised_in_tables() {
+        let few: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}")).collect();
+        assert_eq!(summarize(&few, 4), "10.0.0.1,10.0.0.2,10.0.0.3");
+        let many: Vec<String> = (1..=200)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+            .collect();
+        let s = summarize(&many, 4);
+        assert!(s.ends_with("(+196 more)"), "{s}");
+        assert!(s.len() < 80, "{s}");
+    }
 }

@@ -17,7 +17,7 @@ use clusterlink_testkit::{PortLease, wait_until};
 
 use crate::support::BIN;
 
-fn clusterlink(dir: &Path, args: &[&str]) -> Output {
+pub(crate) fn clusterlink(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .current_dir(dir)
@@ -26,7 +26,7 @@ fn clusterlink(dir: &Path, args: &[&str]) -> Output {
         .expect("run clusterlink")
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "clusterlink failed: {}\n{}",
@@ -36,7 +36,7 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn fails(out: &Output) -> String {
+pub(crate) fn fails(out: &Output) -> String {
     assert!(
         !out.status.success(),
         "expected failure, got: {}",
@@ -46,25 +46,29 @@ fn fails(out: &Output) -> String {
 }
 
 /// A loopback port held for the test's lifetime (no other test is handed it meanwhile).
-fn free_port() -> PortLease {
+pub(crate) fn free_port() -> PortLease {
     PortLease::new().expect("a free loopback port")
 }
 
 /// Waits for `cond` with a deadline; never a fixed sleep.
-fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
     if let Err(e) = wait_until(what, timeout, cond) {
         panic!("{e}");
     }
 }
 
 /// A broker process; killed on drop.
-struct BrokerProc {
-    child: Child,
-    log: PathBuf,
+pub(crate) struct BrokerProc {
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
 }
 
 impl BrokerProc {
-    fn start(dir: &Path, data: &str) -> Self {
+    pub(crate) fn start(dir: &Path, data: &str) -> Self {
+        Self::start_with(dir, data, &[])
+    }
+
+    pub(crate) fn start_with(dir: &Path, data: &str, extra: &[&str]) -> Self {
         let log = dir.join(format!(
             "broker-{}.log",
             std::time::SystemTime::now()
@@ -75,19 +79,26 @@ impl BrokerProc {
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(["broker", "run", "--data-dir", data])
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
             .unwrap();
-        let p = BrokerProc { child, log };
+        let mut p = BrokerProc { child, log };
         p.wait_serving();
         p
     }
 
-    fn wait_serving(&self) {
+    pub(crate) fn wait_serving(&mut self) {
         wait_for("the broker to serve", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the broker exited ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
             std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains("broker serving"))
         });
     }
@@ -110,7 +121,7 @@ impl Drop for BrokerProc {
 }
 
 /// Deploys a broker in `dir/broker` listening on a port held for the caller.
-fn deploy(dir: &Path, extra: &[&str]) -> PortLease {
+pub(crate) fn deploy(dir: &Path, extra: &[&str]) -> PortLease {
     let port = free_port();
     let listen = format!("127.0.0.1:{}", port.port());
     let mut args = vec!["deploy-broker", "--data-dir", "broker", "--listen", &listen];
@@ -594,7 +605,7 @@ fn two_broker_processes_on_one_etcd_serve_the_same_data() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let b = BrokerProc { child, log };
+    let mut b = BrokerProc { child, log };
     b.wait_serving();
     let _a = BrokerProc::start(dir, "broker");
     // Join through A (the address in broker-info), read through B.

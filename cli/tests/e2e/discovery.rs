@@ -378,3 +378,122 @@ fn export_unexport_unready_and_conflict_through_manifests() {
         "{log}"
     );
 }
+
+#[test]
+fn large_answers_over_edns_and_a_file_caught_half_written_keeps_its_services() {
+    let lab = up();
+    lab.wait_services(Duration::from_secs(20)).unwrap();
+    let pod = lab.worker(1).pod.ns();
+    // A headless service of 200 endpoints in a.
+    let endpoints: String = (0..200)
+        .map(|i| {
+            format!(
+                "- addresses: [\"10.1.{}.{}\"]\n  hostname: big-{i}\n  conditions: {{ready: true}}\n",
+                50 + i / 100,
+                1 + i % 100
+            )
+        })
+        .collect();
+    std::fs::write(
+        lab.state.clusters[0].manifests.join("big.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: demo}}\n\
+             spec:\n  clusterIP: None\n  ports: [{{name: tcp, port: 80, protocol: TCP}}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: big-1, namespace: demo, labels: {{kubernetes.io/service-name: big}}}}\n\
+             addressType: IPv4\nendpoints:\n{endpoints}---\n\
+             apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n\
+             metadata: {{name: big, namespace: demo}}\n"
+        ),
+    )
+    .unwrap();
+    let big = "big.demo.svc.clusterset.local";
+    wait_until(
+        "b to resolve a's 200 endpoints",
+        Duration::from_secs(20),
+        || short(&pod, big, "A", &["+tcp"]).len() == 200,
+    )
+    .unwrap();
+    // Over UDP with EDNS(0), a client that offers 8 KiB gets all 200 in one reply, not
+    // truncated, with an OPT record back. (200 A records take about 4.5 KiB: hickory
+    // compresses the first 120 names of a message only.)
+    let udp = full(&pod, &["+notcp", "+ignore", "+bufsize=8192", big, "A"]);
+    let flags = udp
+        .lines()
+        .find(|l| l.contains("flags:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!flags.contains(" tc"), "truncated: {flags}");
+    assert!(udp.contains("OPT PSEUDOSECTION"), "{udp}");
+    assert_eq!(
+        udp.lines().filter(|l| l.starts_with(big)).count(),
+        200,
+        "{udp}"
+    );
+    // A smaller offer is honoured: as many as fit, and TC.
+    let small = full(&pod, &["+notcp", "+ignore", "+bufsize=1232", big, "A"]);
+    assert!(
+        small
+            .lines()
+            .any(|l| l.contains("flags:") && l.contains(" tc")),
+        "{small}"
+    );
+    let fitted = small.lines().filter(|l| l.starts_with(big)).count();
+    assert!(
+        (60..200).contains(&fitted),
+        "{fitted} answers in 1232 bytes"
+    );
+    // Without EDNS the 512-byte limit stands, and the reply says so.
+    let plain = full(&pod, &["+notcp", "+ignore", "+noedns", big, "A"]);
+    assert!(
+        plain
+            .lines()
+            .any(|l| l.contains("flags:") && l.contains(" tc")),
+        "{plain}"
+    );
+    // The name server the SOA and NS records name resolves.
+    let ns = short(&pod, "ns.clusterset.local", "A", &[]);
+    assert_eq!(
+        ns,
+        [lab.state.clusters[1].dns_address.to_string()],
+        "ns.clusterset.local"
+    );
+
+    // a rewrites big.yaml in place in two halves with a pause between (an editor, `cat >`,
+    // `kubectl get -o yaml > f`): throughout, b still gets all of a's endpoints.
+    let path = lab.state.clusters[0].manifests.join("big.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Cut inside the 101st address, as a writer's buffer boundary would.
+    let half = text.find("\"10.1.51.").unwrap() + 5;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&text.as_bytes()[..half]).unwrap();
+        f.flush().unwrap();
+        // The pause is the scenario (the writer is slow), not a wait for a result: over it,
+        // b is asked again and again, and must never miss a's endpoints.
+        let until = std::time::Instant::now() + Duration::from_millis(1500);
+        let mut asked = 0;
+        while std::time::Instant::now() < until {
+            let got = short(&pod, big, "A", &["+tcp"]).len();
+            assert_eq!(
+                got, 200,
+                "a's endpoints flapped away while big.yaml was half written"
+            );
+            asked += 1;
+        }
+        assert!(asked >= 3, "b was asked only {asked} times");
+        f.write_all(&text.as_bytes()[half..]).unwrap();
+    }
+    // Parsed again: the same answer, and a's plugin said what it held on to.
+    assert_eq!(short(&pod, big, "A", &["+tcp"]).len(), 200);
+    let log = std::fs::read_to_string(lab.bed.log_path("a-dns")).unwrap();
+    assert!(
+        log.contains("big.yaml") && log.contains("last good version"),
+        "{log}"
+    );
+}

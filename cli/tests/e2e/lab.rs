@@ -62,6 +62,52 @@ fn lab_up_status_exec_down() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["clusters"].as_array().unwrap().len(), 3);
     assert_eq!(v["clusters"][1]["nat"], true);
+    let processes = v["processes"].as_array().unwrap();
+    assert!(
+        processes.iter().all(|p| p["running"] == true),
+        "{processes:?}"
+    );
+    // A process that died is shown as exited, not running.
+    let echo = v["clusters"][0]["echoPid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(echo),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    clusterlink_testkit::wait_until(
+        "the echo server to be reported exited",
+        std::time::Duration::from_secs(10),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&lab(dir, &["status", "-o", "json"]).stdout).unwrap();
+            v["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["pid"] == echo && p["running"] == false)
+        },
+    )
+    .unwrap();
+    let table = String::from_utf8_lossy(&lab(dir, &["status"]).stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("exited") && l.contains(&echo.to_string())),
+        "{table}"
+    );
+    // `lab status | head -1`: the reader goes; the command ends quietly.
+    let mut child = Command::new(BIN)
+        .args(["lab", "status"])
+        .env("CLUSTERLINK_LAB_DIR", dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let piped = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(piped.status.success(), "{}: {err}", piped.status);
     let exec = lab(
         dir,
         &[
@@ -83,7 +129,13 @@ fn lab_up_status_exec_down() {
     let bad = lab(dir, &["exec", "nowhere", "--", "true"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("No cluster \"nowhere\""));
     let down = lab(dir, &["down"]);
-    assert!(down.status.success());
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let said = String::from_utf8_lossy(&down.stdout);
+    assert!(said.contains("process(es) stopped"), "{said}");
     assert_eq!(lab_namespaces(), 0, "lab down left namespaces behind");
     assert!(!dir.join("state.json").exists());
     // A lab whose `up` died leaves namespaces and no state: `up` refuses, `down` removes them.

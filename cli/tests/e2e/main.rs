@@ -8,6 +8,7 @@
 //! - [`redundancy`]: several gateways per cluster: election, failover, hand-over.
 //! - [`routes`]: route agents: pod to pod across clusters, repair, re-point, cleanup.
 //! - [`discovery`]: `clusterset.local` from pods, the export path and its conditions.
+//! - [`hardening`]: bounded shutdown with clients attached, crash-safe join, honest outputs.
 //! - [`lab`]: `clusterlink lab up|status|exec|down` as an operator runs it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -17,6 +18,7 @@ mod support;
 mod broker;
 mod dataplane;
 mod discovery;
+mod hardening;
 mod lab;
 mod redundancy;
 mod routes;

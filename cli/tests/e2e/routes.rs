@@ -184,8 +184,13 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     let b_pod = lab.worker(1).pod.address.to_string();
     let tunnel = "cl0";
 
-    // Stop the agent and clean up: nothing of the agent's is left on the node.
-    lab.stop_agent(0, 1);
+    // Stop the agent and clean up: nothing of the agent's is left on the node. It stops
+    // cleanly and within its shutdown timeout.
+    let (status, took) = lab.stop_agent(0, 1).expect("the agent exits on SIGTERM");
+    assert!(
+        status.success() && took < Duration::from_secs(5),
+        "{status} after {took:?}"
+    );
     let out = ns
         .exec(BIN, &["route-agent", "cleanup", "--tunnel-device", tunnel])
         .unwrap();
@@ -334,6 +339,7 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     // Stopped (cleaning up), the agent leaves the node exactly as it found it: the foreign
     // route in its table, the main-table route with its protocol number and the rule at its
     // priority included.
-    lab.stop_agent(0, 1);
+    let (status, _) = lab.stop_agent(0, 1).expect("the agent exits on SIGTERM");
+    assert!(status.success(), "{status}");
     assert_eq!(node_state(&ns), before);
 }

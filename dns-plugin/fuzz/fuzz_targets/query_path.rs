@@ -13,7 +13,13 @@ use clusterlink_dns::server::Zone;
 use hickory_server::proto::op::Message;
 use libfuzzer_sys::fuzz_target;
 
-fn record(cluster: &str, name: &str, kind: ServiceType, ips: &[&str], ready: bool) -> ServiceRecord {
+fn record(
+    cluster: &str,
+    name: &str,
+    kind: ServiceType,
+    ips: &[&str],
+    ready: bool,
+) -> ServiceRecord {
     ServiceRecord {
         cluster: cluster.parse().unwrap(),
         namespace: "demo".parse().unwrap(),
@@ -44,17 +50,46 @@ fn record(cluster: &str, name: &str, kind: ServiceType, ips: &[&str], ready: boo
     }
 }
 
-static ZONE: LazyLock<Zone> = LazyLock::new(|| Zone::new("clusterset.local", 5).unwrap());
+static ZONE: LazyLock<Zone> = LazyLock::new(|| {
+    Zone::new("clusterset.local", 5, vec!["10.96.0.10".parse().unwrap()]).unwrap()
+});
 static VIEW: LazyLock<View> = LazyLock::new(|| {
     let mut v = View {
         local: Some("east".parse().unwrap()),
         ..View::default()
     };
-    v.insert(record("east", "web", ServiceType::ClusterSetIP, &["10.101.0.7"], true));
-    v.insert(record("west", "web", ServiceType::ClusterSetIP, &["10.102.0.7", "fd00::7"], true));
-    v.insert(record("north", "web", ServiceType::ClusterSetIP, &["10.103.0.7"], false));
-    v.insert(record("west", "db", ServiceType::Headless, &["10.2.1.5", "10.2.1.6", "fd00::5"], true));
-    v.live.insert("west".parse().unwrap(), Some(std::time::Duration::from_micros(700)));
+    v.insert(record(
+        "east",
+        "web",
+        ServiceType::ClusterSetIP,
+        &["10.101.0.7"],
+        true,
+    ));
+    v.insert(record(
+        "west",
+        "web",
+        ServiceType::ClusterSetIP,
+        &["10.102.0.7", "fd00::7"],
+        true,
+    ));
+    v.insert(record(
+        "north",
+        "web",
+        ServiceType::ClusterSetIP,
+        &["10.103.0.7"],
+        false,
+    ));
+    v.insert(record(
+        "west",
+        "db",
+        ServiceType::Headless,
+        &["10.2.1.5", "10.2.1.6", "fd00::5"],
+        true,
+    ));
+    v.live.insert(
+        "west".parse().unwrap(),
+        Some(std::time::Duration::from_micros(700)),
+    );
     v
 });
 

@@ -1,0 +1,70 @@
+//! How every long-running command stops. The first SIGTERM or SIGINT asks it to stop (each
+//! daemon then ends its client streams, withdraws what it published and cleans up); it has
+//! `--shutdown-timeout` to do so, and past that the process exits anyway, so a rolling
+//! restart never waits on a client that does not let go. A second signal exits at once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{info, warn};
+
+/// The shutdown bound every daemon takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ShutdownArgs {
+    /// How long the daemon may take to stop after SIGTERM/SIGINT before it exits regardless
+    /// (0.1s to 5m).
+    #[arg(long, default_value = "5s", value_parser = parse_grace)]
+    pub shutdown_timeout: humantime::Duration,
+}
+
+impl ShutdownArgs {
+    pub fn grace(&self) -> Duration {
+        *self.shutdown_timeout
+    }
+}
+
+fn parse_grace(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s
+        .parse()
+        .map_err(|e| format!("{e} (expected a duration such as 5s or 500ms)"))?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&d) {
+        return Err(format!("{s} is outside 100ms..=5m"));
+    }
+    Ok(d)
+}
+
+/// What a daemon waits on: resolves when it is asked to stop.
+pub type Shutdown = WaitForCancellationFutureOwned;
+
+/// Runs `work` until it ends by itself, or until a signal asks it to stop and it does so within
+/// `grace`. `what` names the daemon in logs and errors.
+pub async fn run<T, F>(what: &str, grace: Duration, work: impl FnOnce(Shutdown) -> F) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    let stop = CancellationToken::new();
+    let work = work(stop.clone().cancelled_owned());
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => return r,
+        () = crate::shutdown_signal() => {}
+    }
+    info!(grace = %humantime::format_duration(grace), "{what} stopping");
+    stop.cancel();
+    tokio::select! {
+        r = tokio::time::timeout(grace, &mut work) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                warn!("{what} did not stop within its shutdown timeout");
+                Err(anyhow!(
+                    "{what} did not stop within {} of the signal and was ended without \
+                     finishing (raise --shutdown-timeout if it needs longer)",
+                    humantime::format_duration(grace)
+                ))
+            }
+        },
+        () = crate::shutdown_signal() => Err(anyhow!("{what} ended at once by a second signal")),
+    }
+}
