@@ -225,9 +225,16 @@ fn programming(bed: &Testbed, n: usize) -> Result<Vec<Step>> {
             });
 
             // One cluster gains a pod CIDR: one route more, against what was applied.
-            let id: clusterlink_api::ClusterId = "r77".parse()?;
-            let mut changed = set.clusters[&id].clone();
-            changed.pod_cidrs = "100.0.77.0/24,103.0.0.0/24".parse()?;
+            // (The middle cluster, whatever --cidrs is.)
+            let i = (n.div_ceil(2) / 2) as u32;
+            let id: clusterlink_api::ClusterId = format!("r{i}").parse()?;
+            let mut changed = set
+                .clusters
+                .get(&id)
+                .with_context(|| format!("no cluster {id} among {}", set.clusters.len()))?
+                .clone();
+            let pods = Ipv4Addr::from(0x6400_0000 + (i << 8));
+            changed.pod_cidrs = format!("{pods}/24,103.0.0.0/24").parse()?;
             set.clusters.insert(id, changed);
             let t = Instant::now();
             let next = core::desired(&config, &set, &facts, OWN);
