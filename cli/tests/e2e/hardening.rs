@@ -71,9 +71,11 @@ fn a_signalled_broker_ends_its_watches_exits_in_time_and_a_successor_starts_at_o
     let east = Credentials::read(&dir.join("clusterlink-east.yaml")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Twenty watchers, admin and cluster, on every kind: each holds its stream open and
-    // reports how it ended.
+    // reports how it ended; each says when its stream is open.
+    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
     let watchers: Vec<_> = (0..20)
         .map(|i| {
+            let ready_tx = ready_tx.clone();
             let creds = if i % 2 == 0 {
                 admin.clone()
             } else {
@@ -90,6 +92,7 @@ fn a_signalled_broker_ends_its_watches_exits_in_time_and_a_successor_starts_at_o
                     .await
                     .unwrap()
                     .into_inner();
+                ready_tx.send(()).unwrap();
                 loop {
                     match stream.message().await {
                         Ok(Some(_)) => continue,
@@ -101,10 +104,11 @@ fn a_signalled_broker_ends_its_watches_exits_in_time_and_a_successor_starts_at_o
         })
         .collect();
     // Every watch is established at the broker before the signal.
-    rt.block_on(async {
-        let mut c = connect_with(&admin).await.unwrap();
-        c.who_am_i(proto::WhoAmIRequest {}).await.unwrap();
-    });
+    for _ in 0..20 {
+        ready
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a watch did not open within 20 s");
+    }
     sigterm(&broker.child);
     let (status, took) = exit_within(&mut broker.child, Duration::from_secs(15))
         .expect("the broker did not exit within 15 s of SIGTERM");
