@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod net;
+pub mod ownership;
 pub mod records;
 
 pub use cluster_set::ClusterSet;

@@ -357,6 +357,12 @@ async fn publish(
             .cluster()
             .context("a publisher's credentials name no cluster")?
             .to_string();
+        // Cluster ck's first service address: the broker takes only addresses a cluster owns.
+        let index: u64 = cluster
+            .strip_prefix('c')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("cluster {cluster} is not one the benchmark joined"))?;
+        let ip = service_ip(index);
         let (issued, ledger) = (issued.clone(), ledger.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -367,7 +373,7 @@ async fn publish(
                 let sent = ledger.now();
                 let rev = client
                     .publish(proto::PublishRequest {
-                        record: Some(service_update(&cluster, i)),
+                        record: Some(service_update(&cluster, &ip, i)),
                         lease_id: 0,
                         expected_revision: 0,
                         create_only: false,
@@ -388,7 +394,7 @@ async fn publish(
     Ok(())
 }
 
-fn service_update(cluster: &str, i: u64) -> proto::Record {
+fn service_update(cluster: &str, ip: &str, i: u64) -> proto::Record {
     proto::Record {
         kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
             cluster: cluster.to_owned(),
@@ -401,7 +407,7 @@ fn service_update(cluster: &str, i: u64) -> proto::Record {
                 port: 80,
                 app_protocol: String::new(),
             }],
-            ips: vec!["10.255.0.1".into()],
+            ips: vec![ip.to_owned()],
             endpoints: vec![],
             ready: true,
             exported_at_unix_ms: i64::try_from(i).unwrap_or(i64::MAX),
@@ -477,6 +483,12 @@ async fn run_one(backend: Backend, a: &BrokerBenchArgs, bin: &Path) -> Result<Br
     })
 }
 
+/// The first address of cluster `ci`'s service CIDR (`cidr20(i + 2048)`).
+fn service_ip(i: u64) -> String {
+    let base = (10u32 << 24) + (u32::try_from(i + 2048).unwrap_or(0) << 12);
+    std::net::Ipv4Addr::from(base + 1).to_string()
+}
+
 /// The i-th /20 inside 10.0.0.0/8 (i < 4096).
 fn cidr20(i: u64) -> String {
     let base = (10u32 << 24) + (u32::try_from(i).unwrap_or(0) << 12);
@@ -492,6 +504,8 @@ mod tests {
         assert_eq!(cidr20(0), "10.0.0.0/20");
         assert_eq!(cidr20(1), "10.0.16.0/20");
         assert_eq!(cidr20(2047 + 2048), "10.255.240.0/20");
+        assert_eq!(service_ip(0), "10.128.0.1");
+        assert_eq!(service_ip(2047), "10.255.240.1");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The broker's decisions, free of I/O and clocks: whether a join is allowed, and whether an
 //! identity may write a record. The service feeds it what it read from the store and `now`.
 
-use clusterlink_api::{Cluster, ClusterId, ClusterRegistration, Kind, RecordKey};
+use std::net::IpAddr;
+
+use clusterlink_api::ownership::{self, Covered, Infrastructure};
+use clusterlink_api::{Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey};
 use thiserror::Error;
 
 use crate::pki::Identity;
@@ -44,6 +47,99 @@ pub enum JoinRefusal {
         ours: String,
         theirs: String,
     },
+    #[error("CIDR {0}; choose CIDRs that hold only this cluster's pods and services")]
+    Covers(String),
+}
+
+/// Refuses cluster CIDRs that cover a reserved range or an address the mesh runs on
+/// (`infrastructure`: the broker's addresses, every gateway's underlay and public address).
+pub fn check_cidrs(
+    cluster: &Cluster,
+    infrastructure: &[Infrastructure],
+) -> Result<(), JoinRefusal> {
+    let all = cluster
+        .all_cidrs()
+        .map_err(|e| JoinRefusal::Covers(e.to_string()))?;
+    ownership::covers(&all, infrastructure)
+        .map_or(Ok(()), |c: Covered| Err(JoinRefusal::Covers(c.to_string())))
+}
+
+/// What a cluster may not publish.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ContentRefusal {
+    #[error(
+        "{what} {addr} of service {service} is not in cluster {cluster}'s CIDRs ({cidrs}); a cluster publishes only addresses it owns"
+    )]
+    NotOwned {
+        what: &'static str,
+        addr: IpAddr,
+        /// NAMESPACE/NAME.
+        service: String,
+        cluster: ClusterId,
+        cidrs: String,
+    },
+    #[error("gateway {gateway}: its {what} {addr} is {why}; give the node's routable address")]
+    BadUnderlay {
+        /// NODE of cluster ID.
+        gateway: String,
+        what: &'static str,
+        addr: IpAddr,
+        why: &'static str,
+    },
+    #[error(
+        "gateway {gateway}: its {what} {addr} lies in {cidr} of cluster \"{owner}\"; every route agent would send the tunnels' own traffic into them"
+    )]
+    UnderlayInCluster {
+        /// NODE of cluster ID.
+        gateway: String,
+        what: &'static str,
+        addr: IpAddr,
+        owner: ClusterId,
+        cidr: String,
+    },
+}
+
+/// Checks what a record says against what its cluster owns: a service's addresses lie in its
+/// cluster's CIDRs; a gateway's underlay addresses are routable and outside every cluster's
+/// CIDRs (`clusters`: every registered cluster, the owner's included).
+pub fn check_content(
+    record: &Record,
+    owner: &Cluster,
+    clusters: &[std::sync::Arc<Cluster>],
+) -> Result<(), ContentRefusal> {
+    match record {
+        Record::Service(s) => match ownership::foreign_in_service(s, owner) {
+            None => Ok(()),
+            Some(f) => Err(ContentRefusal::NotOwned {
+                what: f.what,
+                addr: f.addr,
+                service: format!("{}/{}", s.namespace, s.name),
+                cluster: owner.id.clone(),
+                cidrs: format!("pods {}, services {}", owner.pod_cidrs, owner.service_cidrs),
+            }),
+        },
+        Record::Gateway(g) => {
+            if let Some(why) = ownership::bad_underlay(g.private_addr) {
+                return Err(ContentRefusal::BadUnderlay {
+                    gateway: format!("{} of cluster {}", g.node, owner.id),
+                    what: "private address",
+                    addr: g.private_addr,
+                    why,
+                });
+            }
+            match ownership::gateway_inside_a_cluster(g, clusters.iter().map(|c| &**c)) {
+                None => Ok(()),
+                Some((what, addr, other, cidr)) => Err(ContentRefusal::UnderlayInCluster {
+                    gateway: format!("{} of cluster {}", g.node, owner.id),
+                    what,
+                    addr,
+                    owner: other,
+                    cidr: cidr.to_string(),
+                }),
+            }
+        }
+        Record::Cluster(_) | Record::Connection(_) => Ok(()),
+    }
 }
 
 /// What a join that may go ahead does.

@@ -3,13 +3,13 @@
 //! so a write racing with `broker revoke` cannot outlive the revocation.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use clusterlink_api::{
-    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, ValidationError, proto,
-    unix_ms,
+    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, ValidationError, ownership,
+    proto, unix_ms,
 };
 use prost::Message;
 use rand::RngCore;
@@ -25,6 +25,7 @@ use crate::core::{self, Denied, JoinDecision, JoinRefusal, StoredToken};
 use crate::hub::Hub;
 use crate::pki::{Ca, Identity, PkiError, identity_of};
 use crate::store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
+use clusterlink_api::ownership::Infrastructure;
 
 const REGISTRY_VERSION_KEY: &str = "internal/registry-version";
 const TOKEN_PREFIX: &str = "internal/tokens/";
@@ -82,6 +83,8 @@ pub enum ServiceError {
     Join(#[from] JoinRefusal),
     #[error("permission denied: {0}")]
     Denied(#[from] Denied),
+    #[error("refused: {0}")]
+    Content(#[from] crate::core::ContentRefusal),
     #[error(
         "this call needs a client certificate: use the credentials written by `clusterlink join`, or the admin credentials written by `clusterlink deploy-broker`"
     )]
@@ -121,9 +124,11 @@ impl From<ServiceError> for Status {
             | ServiceError::PublicKey(_)
             | ServiceError::TokenTtl { .. } => Status::invalid_argument(msg),
             ServiceError::Join(JoinRefusal::DuplicateCluster { .. }) => Status::already_exists(msg),
-            ServiceError::Join(JoinRefusal::Overlap { .. }) => Status::failed_precondition(msg),
+            ServiceError::Join(JoinRefusal::Overlap { .. } | JoinRefusal::Covers(_)) => {
+                Status::failed_precondition(msg)
+            }
             ServiceError::Join(_) => Status::permission_denied(msg),
-            ServiceError::Denied(_) => Status::permission_denied(msg),
+            ServiceError::Denied(_) | ServiceError::Content(_) => Status::permission_denied(msg),
             ServiceError::NoCertificate | ServiceError::BadCertificate(_) => {
                 Status::unauthenticated(msg)
             }
@@ -138,27 +143,54 @@ impl From<ServiceError> for Status {
     }
 }
 
-/// The certificate serial and registration revision of every joined cluster, as this broker
-/// last saw them. A miss is checked against the store, so a cluster that just joined through
-/// another broker is not refused.
+/// A joined cluster as this broker last saw it: its certificate serial, the revision of its
+/// registration, and what it registered (the CIDRs its records must stay inside).
+#[derive(Clone, Debug)]
+struct Entry {
+    serial: String,
+    rev: Revision,
+    cluster: Arc<Cluster>,
+}
+
+impl Entry {
+    fn of(r: ClusterRegistration, rev: Revision) -> Self {
+        Entry {
+            serial: r.certificate_serial,
+            rev,
+            cluster: Arc::new(r.cluster),
+        }
+    }
+}
+
+/// Every joined cluster, as this broker last saw it. A miss is checked against the store, so
+/// a cluster that just joined through another broker is not refused.
 #[derive(Clone, Default)]
 struct Registry {
-    inner: Arc<RwLock<BTreeMap<ClusterId, (String, Revision)>>>,
+    inner: Arc<RwLock<BTreeMap<ClusterId, Entry>>>,
 }
 
 impl Registry {
-    fn get(&self, id: &ClusterId) -> Option<(String, Revision)> {
+    fn get(&self, id: &ClusterId) -> Option<Entry> {
         self.inner
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned()
     }
-    fn set(&self, id: ClusterId, serial: String, rev: Revision) {
+    fn set(&self, id: ClusterId, entry: Entry) {
         self.inner
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (serial, rev));
+            .insert(id, entry);
+    }
+    /// Every registered cluster.
+    fn clusters(&self) -> Vec<Arc<Cluster>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.cluster.clone())
+            .collect()
     }
     fn remove(&self, id: &ClusterId) {
         self.inner
@@ -166,7 +198,7 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
-    fn replace(&self, all: BTreeMap<ClusterId, (String, Revision)>) {
+    fn replace(&self, all: BTreeMap<ClusterId, Entry>) {
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = all;
     }
 }
@@ -180,6 +212,8 @@ pub struct BrokerService<S: Store> {
     /// Cancelled when the broker stops: watch streams end (clients reconnect elsewhere) and
     /// the background followers let go of the store.
     closing: CancellationToken,
+    /// The broker's own addresses (listen and advertised), which no cluster CIDR may cover.
+    protected: Vec<IpAddr>,
 }
 
 fn token_key(token: &str) -> String {
@@ -234,6 +268,7 @@ impl<S: Store> BrokerService<S> {
             registry: Registry::default(),
             clock,
             closing,
+            protected: Vec::new(),
         };
         svc.follow_registry().await?;
         Ok(svc)
@@ -261,7 +296,7 @@ impl<S: Store> BrokerService<S> {
                         };
                         match ev.record.map(Record::try_from) {
                             Some(Ok(Record::Cluster(r))) => {
-                                registry.set(id, r.certificate_serial, ev.revision)
+                                registry.set(id, Entry::of(r, ev.revision))
                             }
                             _ => registry.remove(&id),
                         }
@@ -284,6 +319,15 @@ impl<S: Store> BrokerService<S> {
             }
         }));
         Ok(())
+    }
+
+    /// Addresses of the broker (besides the one each join arrives on) that no cluster CIDR may
+    /// cover: its listen and advertised addresses.
+    pub fn protect(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.protected.extend(addrs);
+        self.protected.sort();
+        self.protected.dedup();
+        self
     }
 
     /// Ends every watch stream and background follower; see `closing`.
@@ -310,15 +354,12 @@ impl<S: Store> BrokerService<S> {
 
     /// The registered serial and registration revision of a cluster: from the cache, or the
     /// store when the cache does not confirm the caller's serial.
-    async fn registration(
-        &self,
-        identity: &Identity,
-    ) -> Result<Option<(String, Revision)>, ServiceError> {
+    async fn registration(&self, identity: &Identity) -> Result<Option<Entry>, ServiceError> {
         let Identity::Cluster { id, serial } = identity else {
             return Ok(None);
         };
         if let Some(hit) = self.registry.get(id)
-            && &hit.0 == serial
+            && &hit.serial == serial
         {
             return Ok(Some(hit));
         }
@@ -331,9 +372,9 @@ impl<S: Store> BrokerService<S> {
             .and_then(|kv| decode_registration(kv).map(|r| (r, kv.mod_revision)))
         {
             Some((r, rev)) => {
-                self.registry
-                    .set(id.clone(), r.certificate_serial.clone(), rev);
-                Ok(Some((r.certificate_serial, rev)))
+                let entry = Entry::of(r, rev);
+                self.registry.set(id.clone(), entry.clone());
+                Ok(Some(entry))
             }
             None => {
                 self.registry.remove(id);
@@ -357,19 +398,23 @@ impl<S: Store> BrokerService<S> {
 
     async fn authorize_read(&self, identity: &Identity) -> Result<(), ServiceError> {
         let reg = self.registration(identity).await?;
-        core::authorize_read(identity, reg.as_ref().map(|r| r.0.as_str()))?;
+        core::authorize_read(identity, reg.as_ref().map(|r| r.serial.as_str()))?;
         Ok(())
     }
 
-    /// Checks a write of `key` and returns the caller's cluster and registration revision.
+    /// Checks a write of `key` and returns the caller's cluster and its registration.
     async fn authorize_write(
         &self,
         identity: &Identity,
         key: &RecordKey,
-    ) -> Result<(ClusterId, Revision), ServiceError> {
+    ) -> Result<(ClusterId, Entry), ServiceError> {
         let reg = self.registration(identity).await?;
-        let id = core::authorize_write(identity, reg.as_ref().map(|r| r.0.as_str()), key)?;
-        Ok((id, reg.map(|r| r.1).unwrap_or(0)))
+        let id = core::authorize_write(identity, reg.as_ref().map(|r| r.serial.as_str()), key)?;
+        // authorize_write succeeded: the caller is a cluster with a registration.
+        let entry = reg.ok_or_else(|| Denied::Revoked {
+            cluster: id.clone(),
+        })?;
+        Ok((id, entry))
     }
 
     /// Explains a failed guarded write: revoked meanwhile, or the caller's own precondition.
@@ -403,11 +448,46 @@ impl<S: Store> BrokerService<S> {
         }
     }
 
-    async fn do_join(&self, req: proto::JoinRequest) -> Result<proto::JoinResponse, ServiceError> {
+    /// What no cluster CIDR may cover: the broker's addresses (`local`, the one this call
+    /// came in on, and the configured ones) and every gateway's underlay and public address.
+    async fn infrastructure(
+        &self,
+        local: Option<IpAddr>,
+    ) -> Result<Vec<Infrastructure>, ServiceError> {
+        let mut out: Vec<Infrastructure> = local
+            .into_iter()
+            .chain(self.protected.iter().copied())
+            .filter(|ip| !ip.is_unspecified())
+            .map(|addr| Infrastructure {
+                addr,
+                what: "an address of the broker".into(),
+            })
+            .collect();
+        let (gateways, _) = self.store.list(Kind::Gateways.prefix()).await?;
+        for kv in &gateways {
+            let Ok(Record::Gateway(g)) = Record::decode(&kv.value) else {
+                continue;
+            };
+            for (what, addr) in ownership::gateway_addresses(&g) {
+                out.push(Infrastructure {
+                    addr,
+                    what: format!("the {what} of gateway {} of cluster {}", g.node, g.cluster),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn do_join(
+        &self,
+        local: Option<IpAddr>,
+        req: proto::JoinRequest,
+    ) -> Result<proto::JoinResponse, ServiceError> {
         let cluster: Cluster = req
             .cluster
             .ok_or(ValidationError::Missing("cluster"))?
             .try_into()?;
+        core::check_cidrs(&cluster, &self.infrastructure(local).await?)?;
         let tkey = token_key(&req.token);
         for _ in 0..16 {
             let now = self.clock.now();
@@ -478,7 +558,11 @@ impl<S: Store> BrokerService<S> {
                 }
             }
             if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
-                self.registry.set(cluster.id.clone(), serial, revision);
+                let Record::Cluster(registered) = reg else {
+                    unreachable!("built as a cluster registration above")
+                };
+                self.registry
+                    .set(cluster.id.clone(), Entry::of(registered, revision));
                 match decision {
                     JoinDecision::New => info!(cluster = %cluster.id, "cluster joined"),
                     JoinDecision::Retry => {
@@ -506,11 +590,16 @@ impl<S: Store> BrokerService<S> {
             .ok_or(ValidationError::Missing("record"))?
             .try_into()?;
         let key = record.key();
-        let (caller, reg_rev) = self.authorize_write(&identity, &key).await?;
+        let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        let reg_rev = entry.rev;
         if let Record::Gateway(g) = &mut record {
-            // The public address is what the broker sees, not what the gateway claims.
-            g.public_addr = remote.map(|a| a.ip());
+            // The public address is what the broker sees, not what the gateway claims; an
+            // address local to the broker's host means nothing to other gateways.
+            g.public_addr = remote
+                .map(|a| a.ip())
+                .filter(|ip| ownership::bad_underlay(*ip).is_none());
         }
+        core::check_content(&record, &entry.cluster, &self.registry.clusters())?;
         if req.lease_id != 0 {
             self.check_lease(req.lease_id, &caller).await?;
         }
@@ -542,7 +631,8 @@ impl<S: Store> BrokerService<S> {
             return Err(Denied::AdminWrite.into());
         };
         let key = RecordKey::from_name(kind, id, &req.name)?;
-        let (caller, reg_rev) = self.authorize_write(&identity, &key).await?;
+        let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        let reg_rev = entry.rev;
         let txn = Txn::default()
             .when(Compare::ModRevision(
                 RecordKey::Cluster(caller).to_string(),
@@ -580,12 +670,12 @@ impl<S: Store> BrokerService<S> {
 
 async fn list_registry<S: Store>(
     store: &S,
-) -> Result<(BTreeMap<ClusterId, (String, Revision)>, Revision), StoreError> {
+) -> Result<(BTreeMap<ClusterId, Entry>, Revision), StoreError> {
     let (kvs, rev) = store.list(Kind::Clusters.prefix()).await?;
     let all = kvs
         .iter()
         .filter_map(|kv| {
-            decode_registration(kv).map(|r| (r.cluster.id, (r.certificate_serial, kv.mod_revision)))
+            decode_registration(kv).map(|r| (r.cluster.id.clone(), Entry::of(r, kv.mod_revision)))
         })
         .collect();
     Ok((all, rev))
@@ -597,7 +687,11 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinResponse>, Status> {
-        Ok(Response::new(self.do_join(request.into_inner()).await?))
+        // The address the joiner reached the broker at is one its CIDRs may not cover.
+        let local = request.local_addr().map(|a| a.ip());
+        Ok(Response::new(
+            self.do_join(local, request.into_inner()).await?,
+        ))
     }
 
     async fn list(
@@ -642,9 +736,9 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         };
         tokio::spawn(async move {
             let valid = || {
-                holder
-                    .as_ref()
-                    .is_none_or(|(id, serial)| registry.get(id).is_some_and(|(s, _)| &s == serial))
+                holder.as_ref().is_none_or(|(id, serial)| {
+                    registry.get(id).is_some_and(|e| &e.serial == serial)
+                })
             };
             let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {

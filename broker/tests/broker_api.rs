@@ -59,6 +59,17 @@ impl TestBroker {
         admin: CertAndKey,
         dir: Option<tempfile::TempDir>,
     ) -> Self {
+        Self::start_protecting(store, tls, admin, dir, Vec::new()).await
+    }
+
+    /// A broker that also counts `protected` as its own addresses (as its advertised one).
+    async fn start_protecting<S: Store>(
+        store: S,
+        tls: BrokerTls,
+        admin: CertAndKey,
+        dir: Option<tempfile::TempDir>,
+        protected: Vec<std::net::IpAddr>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let clock = ManualClock(Arc::new(Mutex::new(SystemTime::now())));
@@ -66,7 +77,7 @@ impl TestBroker {
         let c: Arc<dyn Clock> = Arc::new(clock.clone());
         let t = tls.clone();
         tokio::spawn(async move {
-            serve(store, t, listener, c, async {
+            serve(store, t, listener, c, protected, async {
                 let _ = stopped.await;
             })
             .await
@@ -165,7 +176,13 @@ fn join_request(
     }
 }
 
+/// A service of `cluster` at an address in its service CIDR (east 10.101/16, west 10.102/16,
+/// as the tests join them).
 fn service(cluster: &str, ns: &str, name: &str) -> proto::Record {
+    let ip = match cluster {
+        "west" => "10.102.0.10",
+        _ => "10.101.0.10",
+    };
     proto::Record {
         kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
             cluster: cluster.into(),
@@ -178,7 +195,7 @@ fn service(cluster: &str, ns: &str, name: &str) -> proto::Record {
                 port: 7,
                 app_protocol: String::new(),
             }],
-            ips: vec!["10.101.0.10".into()],
+            ips: vec![ip.into()],
             endpoints: vec![],
             ready: true,
             exported_at_unix_ms: 1,
@@ -251,9 +268,10 @@ async fn clusters_join_publish_and_list() {
     assert_eq!(clusters.len(), 2);
     let services = list(&mut west, Kind::Services).await;
     assert_eq!(services.len(), 1);
-    // The broker records the address it saw, not the one the gateway claimed.
+    // The broker records the address it saw, not the one the gateway claimed; here it saw
+    // loopback, which means nothing to other gateways, so it records none.
     match &list(&mut east, Kind::Gateways).await[..] {
-        [Record::Gateway(g)] => assert_eq!(g.public_addr, Some("127.0.0.1".parse().unwrap())),
+        [Record::Gateway(g)] => assert_eq!(g.public_addr, None),
         other => panic!("{other:?}"),
     }
 }
@@ -891,4 +909,150 @@ async fn revoking_a_cluster_ends_its_open_watches() {
         "{}",
         status.message()
     );
+}
+
+/// A service record of `cluster` with `ips` (ClusterSetIP) or headless `endpoints`.
+fn service_at(cluster: &str, name: &str, ips: &[&str], endpoints: &[&str]) -> proto::Record {
+    proto::Record {
+        kind: Some(proto::record::Kind::Service(proto::ServiceRecord {
+            cluster: cluster.into(),
+            namespace: "demo".into(),
+            name: name.into(),
+            r#type: if ips.is_empty() {
+                proto::ServiceType::Headless as i32
+            } else {
+                proto::ServiceType::ClusterSetIp as i32
+            },
+            ports: vec![],
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            endpoints: endpoints
+                .iter()
+                .map(|ip| proto::Endpoint {
+                    ip: ip.to_string(),
+                    hostname: String::new(),
+                    ready: true,
+                })
+                .collect(),
+            ready: true,
+            exported_at_unix_ms: 1,
+        })),
+    }
+}
+
+fn gateway_at(cluster: &str, node: &str, private: &str) -> proto::Record {
+    let mut g = gateway(cluster, node);
+    if let Some(proto::record::Kind::Gateway(e)) = &mut g.kind {
+        e.private_addr = private.into();
+    }
+    g
+}
+
+#[tokio::test]
+async fn a_cluster_publishes_only_addresses_it_owns() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    b.join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    // Its own: accepted.
+    east.publish(publish(service_at("east", "ok", &[], &["10.1.0.5"])))
+        .await
+        .unwrap();
+    // A headless endpoint in west's pods, a ClusterSetIP on the internet: refused, naming
+    // the address and east's CIDRs.
+    for (name, ips, endpoints, addr) in [
+        ("steal", vec![], vec!["10.1.0.5", "10.2.0.9"], "10.2.0.9"),
+        ("away", vec!["8.8.8.8"], vec![], "8.8.8.8"),
+    ] {
+        let e = east
+            .publish(publish(service_at("east", name, &ips, &endpoints)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().contains(addr)
+                && e.message()
+                    .contains("pods 10.1.0.0/16, services 10.101.0.0/16"),
+            "{e:?}"
+        );
+    }
+    // Gateways: a loopback underlay, and one inside a cluster's CIDR (the route agents would
+    // send the tunnels' own datagrams into the tunnels).
+    let lo = east
+        .publish(publish(gateway_at("east", "gw-0", "127.0.0.1")))
+        .await
+        .unwrap_err();
+    assert!(lo.message().contains("loopback"), "{lo:?}");
+    let inside = east
+        .publish(publish(gateway_at("east", "gw-0", "10.2.3.4")))
+        .await
+        .unwrap_err();
+    assert!(
+        inside
+            .message()
+            .contains("10.2.3.4 lies in 10.2.0.0/16 of cluster \"west\""),
+        "{inside:?}"
+    );
+    east.publish(publish(gateway_at("east", "gw-0", "192.0.2.10")))
+        .await
+        .unwrap();
+    let services = list(&mut east, Kind::Services).await;
+    assert_eq!(services.len(), 1, "only the owned service is stored");
+}
+
+#[tokio::test]
+async fn no_cluster_cidr_may_cover_the_mesh_or_a_reserved_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+    let (tls, admin) = make_tls();
+    // The broker is also reached at 198.51.100.7 (its advertised address).
+    let b = TestBroker::start_protecting(
+        store,
+        tls,
+        admin,
+        Some(dir),
+        vec!["198.51.100.7".parse().unwrap()],
+    )
+    .await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    east.publish(publish(gateway_at("east", "gw-0", "192.0.2.10")))
+        .await
+        .unwrap();
+    for (pods, says) in [
+        // Another cluster's gateway node.
+        (
+            "192.0.2.0/24",
+            "covers 192.0.2.10, the private address of gateway gw-0 of cluster east",
+        ),
+        // The broker.
+        (
+            "198.51.100.0/24",
+            "covers 198.51.100.7, an address of the broker",
+        ),
+        // Reserved ranges.
+        ("8.0.0.0/7", "wider than"),
+        ("169.254.0.0/16", "link-local"),
+        ("127.0.0.0/8", "loopback"),
+        ("224.0.0.0/8", "multicast"),
+    ] {
+        let e = b
+            .join(&t, "rogue", pods, "10.109.0.0/16")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{pods} was accepted"));
+        assert_eq!(e.code(), Code::FailedPrecondition, "{pods}: {e:?}");
+        assert!(e.message().contains(says), "{pods}: {e:?}");
+    }
+    // Nothing of the refused joins is left: the ID is free.
+    b.join(&t, "rogue", "10.9.0.0/16", "10.109.0.0/16")
+        .await
+        .unwrap();
 }

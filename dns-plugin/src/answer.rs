@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clusterlink_api::{
-    ClusterId, ConnectionKey, ConnectionState, ConnectionStatus, DnsLabel, ServiceRecord,
-    ServiceType,
+    Cluster, ClusterId, ConnectionKey, ConnectionState, ConnectionStatus, DnsLabel, ServiceRecord,
+    ServiceType, ownership,
 };
 
 /// The query types the zone knows; anything else is NODATA for a name that exists.
@@ -151,11 +151,27 @@ impl View {
 /// (the gateways' probes use every tunnel ten times a second).
 pub const HANDSHAKE_FRESH_MS: i64 = 180_000;
 
-/// The view from the broker's records at `now_unix_ms`: every cluster's service records,
-/// and the clusters the local gateway reports a connected tunnel to with a fresh handshake
-/// (with the best RTT over that cluster's gateway nodes).
+/// The service records a cluster may publish: those of a registered cluster whose every
+/// address lies in that cluster's CIDRs (design: Security). The broker refuses the rest when
+/// they are written; this is the same rule again, so that a record that bypassed the broker
+/// (or came from an older one) still cannot make the plugin answer a foreign address.
+pub fn vetted<'a>(
+    clusters: &'a BTreeMap<ClusterId, Cluster>,
+    services: impl IntoIterator<Item = &'a ServiceRecord> + 'a,
+) -> impl Iterator<Item = &'a ServiceRecord> + 'a {
+    services.into_iter().filter(|r| {
+        clusters
+            .get(&r.cluster)
+            .is_some_and(|c| ownership::foreign_in_service(r, c).is_none())
+    })
+}
+
+/// The view from the broker's records at `now_unix_ms`: every cluster's vetted service
+/// records ([`vetted`]), and the clusters the local gateway reports a connected tunnel to with
+/// a fresh handshake (with the best RTT over that cluster's gateway nodes).
 pub fn view_of<'a>(
     local: &ClusterId,
+    clusters: &'a BTreeMap<ClusterId, Cluster>,
     services: &'a BTreeMap<(ClusterId, DnsLabel, DnsLabel), ServiceRecord>,
     connections: &'a BTreeMap<ConnectionKey, ConnectionStatus>,
     now_unix_ms: i64,
@@ -164,7 +180,7 @@ pub fn view_of<'a>(
         local: Some(local.clone()),
         ..View::default()
     };
-    for r in services.values() {
+    for r in vetted(clusters, services.values()) {
         view.insert(r.clone());
     }
     for c in connections.values() {

@@ -246,7 +246,9 @@ impl ExportController {
     /// or applied through the API. Only what changed is written.
     async fn write_imports(&mut self, set: &ClusterSet) {
         let mut want = BTreeMap::new();
-        for i in crate::import::imports(set.services.values()) {
+        // Only vetted records become ServiceImports, as only they are answered.
+        for i in crate::import::imports(crate::answer::vetted(&set.clusters, set.services.values()))
+        {
             let (ns, name) = i.key();
             let file = format!("serviceimport.{ns}.{name}.yaml");
             let mut docs = vec![serde_saphyr::to_string(&i.import)];

@@ -397,6 +397,16 @@ mod tests {
             "a".parse().unwrap(),
         );
         let mut set = clusterlink_api::ClusterSet::default();
+        // b is registered: its records are vetted against its CIDRs.
+        set.clusters.insert(
+            "b".parse().unwrap(),
+            clusterlink_api::Cluster {
+                id: "b".parse().unwrap(),
+                pod_cidrs: "10.2.0.0/16".parse().unwrap(),
+                service_cidrs: "10.102.0.0/16".parse().unwrap(),
+                labels: Default::default(),
+            },
+        );
         let record = exported_by_b();
         set.services.insert(
             (
@@ -407,7 +417,11 @@ mod tests {
             record,
         );
         controller.reconcile(&set).await.unwrap();
-        let asked = server.await.unwrap();
+        // Every request the mock expects, or a failure (not a hang) if one never comes.
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(20), server)
+            .await
+            .expect("the controller made fewer API calls than expected")
+            .unwrap();
         let paths: Vec<String> = asked
             .iter()
             .map(|(m, p, _)| format!("{m} {}", p.split('?').next().unwrap_or("")))

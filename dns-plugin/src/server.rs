@@ -408,7 +408,11 @@ pub async fn run(
         local: Some(local.clone()),
         ..View::default()
     }));
-    let mut set = follow(credentials.clone(), &[Kind::Services, Kind::Connections]);
+    // Clusters too: each record is vetted against its cluster's CIDRs.
+    let mut set = follow(
+        credentials.clone(),
+        &[Kind::Clusters, Kind::Services, Kind::Connections],
+    );
     let controller = config.controllers.clone().map(|source| {
         tokio::spawn(
             crate::controller::ExportController::new(source, credentials, local.clone())
@@ -428,7 +432,7 @@ pub async fn run(
             let view = set
                 .borrow_and_update()
                 .as_ref()
-                .map(|s| view_of(&local, &s.services, &s.connections, now));
+                .map(|s| view_of(&local, &s.clusters, &s.services, &s.connections, now));
             if let Some(v) = view {
                 view_tx.send_replace(Arc::new(v));
             }

@@ -214,10 +214,17 @@ async fn run_broker(a: RunArgs) -> Result<()> {
         .with_context(|| format!("Failed to open the store {store_spec}"))?;
     info!(%listen, store = %store_spec, "starting broker");
     let clock = Arc::new(SystemClock);
+    // The advertised address, when it is an IP, is the broker's too: no cluster may cover it.
+    let advertised: Vec<std::net::IpAddr> = config
+        .advertise
+        .rsplit_once(':')
+        .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
+        .into_iter()
+        .collect();
     daemon::run("broker", a.shutdown.grace(), |stop| async move {
         match store {
-            AnyStore::Embedded(s) => serve(s, tls, listener, clock, stop).await?,
-            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, stop).await?,
+            AnyStore::Embedded(s) => serve(s, tls, listener, clock, advertised, stop).await?,
+            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, advertised, stop).await?,
         }
         Ok(())
     })

@@ -298,6 +298,58 @@ fn status(
     }
 }
 
+/// east, west and north as registered: pods 10.N.0.0/16, services 10.10N.0.0/16.
+fn clusters() -> BTreeMap<ClusterId, Cluster> {
+    [("east", 1), ("west", 2), ("north", 3)]
+        .into_iter()
+        .map(|(id, n)| {
+            let c = Cluster {
+                id: id.parse().unwrap(),
+                pod_cidrs: format!("10.{n}.0.0/16").parse().unwrap(),
+                service_cidrs: format!("10.10{n}.0.0/16").parse().unwrap(),
+                labels: Default::default(),
+            };
+            (c.id.clone(), c)
+        })
+        .collect()
+}
+
+#[test]
+fn a_record_the_broker_did_not_vet_is_not_answered() {
+    let mut services = BTreeMap::new();
+    for (c, ip) in [
+        ("east", "10.101.0.7"),
+        // west claims north's service address, north an address on the internet, and south
+        // is not a registered cluster at all.
+        ("west", "10.103.0.9"),
+        ("north", "8.8.8.8"),
+        ("south", "10.104.0.7"),
+    ] {
+        let r = record(c, &[ip], true);
+        services.insert((r.cluster.clone(), r.namespace.clone(), r.name.clone()), r);
+    }
+    let local: ClusterId = "east".parse().unwrap();
+    let v = view_of(&local, &clusters(), &services, &BTreeMap::new(), 0);
+    assert_eq!(
+        ips(&ask(
+            &v,
+            Policy::RoundRobin,
+            0,
+            "echo.demo.svc.clusterset.local",
+            QType::A
+        )),
+        ["10.101.0.7"]
+    );
+    for other in ["west", "north", "south"] {
+        let name = format!("{other}.echo.demo.svc.clusterset.local");
+        assert_eq!(
+            ask(&v, Policy::RoundRobin, 0, &name, QType::A),
+            Answer::NxDomain,
+            "{other}"
+        );
+    }
+}
+
 #[test]
 fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
     let mut services = BTreeMap::new();
@@ -337,7 +389,7 @@ fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
     }
     let local: ClusterId = "east".parse().unwrap();
     let name = "echo.demo.svc.clusterset.local";
-    let v = view_of(&local, &services, &conns, t0);
+    let v = view_of(&local, &clusters(), &services, &conns, t0);
     assert_eq!(
         v.live[&"west".parse::<ClusterId>().unwrap()],
         Some(Duration::from_micros(900))
@@ -347,13 +399,13 @@ fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
         ["10.101.0.7", "10.102.0.7", "10.103.0.7"]
     );
     // 81 s later north's last handshake is 181 s old: it drops out, west stays.
-    let v = view_of(&local, &services, &conns, t0 + 81_000);
+    let v = view_of(&local, &clusters(), &services, &conns, t0 + 81_000);
     assert_eq!(
         ips(&ask(&v, Policy::Nearest, 0, name, QType::A)),
         ["10.101.0.7", "10.102.0.7"]
     );
     // 181 s later every handshake is stale: only the local cluster answers.
-    let v = view_of(&local, &services, &conns, t0 + 181_000);
+    let v = view_of(&local, &clusters(), &services, &conns, t0 + 181_000);
     assert_eq!(
         ips(&ask(&v, Policy::Nearest, 0, name, QType::A)),
         ["10.101.0.7"]
@@ -361,6 +413,6 @@ fn live_tunnels_are_connected_fresh_and_ours_with_simulated_time() {
     // A tunnel that says connected but never completed a handshake is not live.
     let s = status("east", "west", "w-gw9", ConnectionState::Connected, 1, 0);
     conns.insert(s.tunnel(), s);
-    let v = view_of(&local, &services, &conns, t0 + 181_000);
+    let v = view_of(&local, &clusters(), &services, &conns, t0 + 181_000);
     assert!(v.live.is_empty());
 }
