@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clusterlink_api::ClusterSet;
 use clusterlink_api::proto::broker_client::BrokerClient;
-use clusterlink_api::{ClusterId, Record, ServiceRecord, proto};
+use clusterlink_api::{ClusterId, DnsLabel, Record, ServiceRecord, proto};
 use clusterlink_broker_client::{ConnectError, Credentials, connect_with};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -127,7 +127,7 @@ impl ExportController {
 
     /// One pass: read, reconcile, publish and withdraw, write statuses and imports.
     pub async fn reconcile(&mut self, set: &ClusterSet) -> Result<(), ControllerError> {
-        let (m, errors) = match &self.source {
+        let (m, mut errors): (_, Vec<String>) = match &self.source {
             Source::Dir(dir) => {
                 // Parsing is CPU work on files of any size: off the async runtime.
                 let mut cache = self
@@ -148,12 +148,6 @@ impl ExportController {
                 Err(e) => return Err(ControllerError::Kube(e)),
             },
         };
-        if errors != self.last_errors {
-            for e in &errors {
-                warn!(error = %e, "manifest left out");
-            }
-            self.last_errors = errors;
-        }
         let now = Timestamp::now();
         let mut desired: BTreeMap<Key, ServiceRecord> = BTreeMap::new();
         let mut seen = Vec::new();
@@ -164,6 +158,15 @@ impl ExportController {
                 .clone()
                 .unwrap_or_else(|| "default".into());
             let name = e.metadata.name.clone().unwrap_or_default();
+            // Names become file names (status/, imported/) and broker keys: only the
+            // Kubernetes names they claim to be (a `../` never leaves the directory).
+            if ns.parse::<DnsLabel>().is_err() || name.parse::<DnsLabel>().is_err() {
+                errors.push(format!(
+                    "ServiceExport {ns:?}/{name:?}: not a valid Kubernetes namespace and name \
+                     (lowercase letters, digits and '-', at most 63); ignored"
+                ));
+                continue;
+            }
             let key = (ns.clone(), name.clone());
             let first = *self.first_seen.entry(key.clone()).or_insert(now);
             let mut export = e.clone();
@@ -192,6 +195,12 @@ impl ExportController {
             }
             seen.push(key);
         }
+        if errors != self.last_errors {
+            for e in &errors {
+                warn!(error = %e, "manifest left out");
+            }
+            self.last_errors = errors;
+        }
         // Exports that went: forget them and their status.
         let gone: Vec<Key> = self
             .statuses
@@ -202,8 +211,10 @@ impl ExportController {
         for k in gone {
             self.statuses.remove(&k);
             self.first_seen.remove(&k);
-            if let Source::Dir(dir) = &self.source {
-                let _ = std::fs::remove_file(status_path(dir, &k));
+            if let Source::Dir(dir) = &self.source
+                && let Some(path) = status_path(dir, &k)
+            {
+                let _ = std::fs::remove_file(path);
             }
         }
         self.write_imports(set).await;
@@ -342,10 +353,12 @@ impl ExportController {
                 out.status = Some(ServiceExportStatus {
                     conditions: conditions.clone(),
                 });
-                let path = status_path(dir, key);
-                serde_saphyr::to_string(&out)
-                    .map_err(SinkError::from)
-                    .and_then(|text| write_atomic(&path, &text))
+                match status_path(dir, key) {
+                    Some(path) => serde_saphyr::to_string(&out)
+                        .map_err(SinkError::from)
+                        .and_then(|text| write_atomic(&path, &text)),
+                    None => Ok(()),
+                }
             }
             Source::Kube(client) => {
                 crate::kube_source::write_status(client.clone(), &key.0, &key.1, &conditions)
@@ -364,8 +377,11 @@ impl ExportController {
     }
 }
 
-fn status_path(dir: &Path, (ns, name): &Key) -> PathBuf {
-    dir.join("status").join(export_file(ns, name))
+/// `DIR/status/serviceexport.NS.NAME.yaml`; `None` for names that are not DNS labels (they
+/// never get this far: reconcile leaves them out).
+fn status_path(dir: &Path, (ns, name): &Key) -> Option<PathBuf> {
+    let (ns, name) = (ns.parse::<DnsLabel>().ok()?, name.parse::<DnsLabel>().ok()?);
+    Some(dir.join("status").join(export_file(&ns, &name)))
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), SinkError> {
@@ -432,4 +448,50 @@ pub enum SinkError {
     Encode(#[from] serde_saphyr::SerializeError),
     #[error(transparent)]
     Kube(#[from] KubeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_export_named_to_escape_its_directory_is_left_out_and_writes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("evil.yaml"),
+            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n\
+             metadata: {name: \"x/../../../escaped\", namespace: demo}\n",
+        )
+        .unwrap();
+        let creds = Credentials {
+            api_version: String::new(),
+            kind: String::new(),
+            address: "127.0.0.1:1".into(),
+            ca_certificate: String::new(),
+            identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
+            certificate: String::new(),
+            private_key: String::new(),
+        };
+        let mut c = ExportController::new(Source::Dir(dir.clone()), creds, "a".parse().unwrap());
+        c.reconcile(&ClusterSet::default()).await.unwrap();
+        // Nothing outside the directory, nothing in status/.
+        let outside: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(outside, ["manifests"]);
+        assert!(
+            !dir.join("status").exists()
+                || std::fs::read_dir(dir.join("status")).unwrap().count() == 0
+        );
+        assert!(
+            c.last_errors
+                .iter()
+                .any(|e| e.contains("x/../../../escaped") && e.contains("ignored")),
+            "{:?}",
+            c.last_errors
+        );
+    }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::mcs::ServiceExport;
+use clusterlink_api::DnsLabel;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
@@ -293,13 +294,14 @@ pub fn read_dir(dir: &Path) -> (Manifests, Vec<ManifestError>) {
     ManifestDir::new(dir).refresh()
 }
 
-/// File name of a ServiceExport in a manifest directory.
-pub fn export_file(ns: &str, name: &str) -> String {
+/// File name of a ServiceExport in a manifest directory. DNS labels only: a name can never
+/// make it a path.
+pub fn export_file(ns: &DnsLabel, name: &DnsLabel) -> String {
     format!("serviceexport.{ns}.{name}.yaml")
 }
 
 /// A ServiceExport manifest.
-pub fn export_manifest(ns: &str, name: &str) -> String {
+pub fn export_manifest(ns: &DnsLabel, name: &DnsLabel) -> String {
     format!(
         "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata:\n  name: {name}\n  namespace: {ns}\n"
     )
@@ -344,7 +346,8 @@ metadata: {name: echo, namespace: demo}
         assert!(m.service("demo", "echo").is_some());
         assert_eq!(m.slices_of("demo", "echo").len(), 1);
         assert!(m.slices_of("demo", "other").is_empty());
-        let e: Manifests = parse(Path::new("x.yaml"), &export_manifest("demo", "echo")).unwrap();
+        let (demo, echo) = ("demo".parse().unwrap(), "echo".parse().unwrap());
+        let e: Manifests = parse(Path::new("x.yaml"), &export_manifest(&demo, &echo)).unwrap();
         assert_eq!(e.exports[0].metadata.name.as_deref(), Some("echo"));
     }
 

@@ -40,9 +40,9 @@ pub async fn export(c: ExportCommand) -> Result<()> {
                     dir.display()
                 );
             }
-            let path = dir.join(export_file(a.namespace.as_str(), a.name.as_str()));
+            let path = dir.join(export_file(&a.namespace, &a.name));
             let existed = path.exists();
-            let manifest = export_manifest(a.namespace.as_str(), a.name.as_str());
+            let manifest = export_manifest(&a.namespace, &a.name);
             clusterlink_broker_client::fs::write_atomic(&path, manifest.as_bytes(), 0o644)
                 .with_context(|| format!("Cannot write {}", path.display()))?;
             print(&format!(
@@ -56,7 +56,7 @@ pub async fn export(c: ExportCommand) -> Result<()> {
                 a.name,
                 path.display(),
                 dir.join("status")
-                    .join(export_file(a.namespace.as_str(), a.name.as_str()))
+                    .join(export_file(&a.namespace, &a.name))
                     .display()
             ));
             Ok(())
@@ -69,7 +69,7 @@ pub async fn unexport(c: ExportCommand) -> Result<()> {
     let ExportCommand::Service(a) = c;
     match &a.manifests {
         Some(dir) => {
-            let path = dir.join(export_file(a.namespace.as_str(), a.name.as_str()));
+            let path = dir.join(export_file(&a.namespace, &a.name));
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     print(&format!("Unexported service {}/{}\n", a.namespace, a.name));
