@@ -188,6 +188,7 @@ fn programming(bed: &Testbed, n: usize) -> Result<Vec<Step>> {
                 underlay_mtu: 1500,
                 vni: 211,
                 vxlan_port: 4803,
+                broker: Vec::new(),
             };
             let kernel = Kernel::connect(OWN, "vx-clusterlink", "cl0")?;
             let mut steps = Vec::new();

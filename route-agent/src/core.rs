@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub underlay_mtu: u32,
     pub vni: u32,
     pub vxlan_port: u16,
+    /// The broker's addresses (from the credentials, where they name an IP): never steered
+    /// into the tunnel, so a bad view cannot cut the path a corrected one would come by.
+    pub broker: Vec<Ipv4Addr>,
 }
 
 /// What the shell found on the node.
@@ -72,6 +75,8 @@ pub struct NodeFacts {
     pub links: BTreeSet<String>,
     /// IPv4 addresses on links other than the tunnel and the overlay.
     pub addresses: Vec<Ipv4Addr>,
+    /// The subnets of those addresses (the node's underlay among them).
+    pub subnets: Vec<Ipv4Net>,
 }
 
 /// The overlay link (VXLAN) to the active gateway node.
@@ -95,6 +100,10 @@ pub enum NextHop {
     Device(Arc<str>),
     /// Via this address on this device (the overlay toward the gateway node).
     Via(Ipv4Addr, Arc<str>),
+    /// Not here: a `throw` route, so the lookup goes on to the next rule (the main table).
+    /// It keeps what the mesh itself runs on (the node's underlay, the gateways, the broker)
+    /// out of the tunnel when a remote CIDR covers it.
+    Throw,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -133,6 +142,44 @@ pub struct Desired {
     pub waiting_for: Option<&'static str>,
     /// Remote CIDRs the agent cannot route (IPv6: the overlay is IPv4 for now).
     pub unsupported: Vec<IpNet>,
+    /// Remote CIDRs that cover what the mesh runs on, and what that is: only the rest of
+    /// each is routed (the broker refuses such CIDRs; this is the second line).
+    pub excluded: Vec<(Ipv4Net, String)>,
+}
+
+/// What must never go into the tunnel, whatever the cluster set says: the node's underlay
+/// subnet, every gateway's underlay and public address, and the broker.
+fn protected(config: &NodeConfig, set: &ClusterSet, facts: &NodeFacts) -> Vec<(Ipv4Net, String)> {
+    let host = |ip: Ipv4Addr| Ipv4Net::from(ip);
+    let mut out: Vec<(Ipv4Net, String)> = facts
+        .subnets
+        .iter()
+        .filter(|n| n.contains(&config.node_ip))
+        .map(|n| (n.trunc(), "the node's underlay subnet".to_owned()))
+        .collect();
+    out.push((host(config.node_ip), "the node's underlay address".into()));
+    for g in set.gateways.values() {
+        for (what, addr) in clusterlink_api::ownership::gateway_addresses(g) {
+            if let IpAddr::V4(ip) = addr {
+                out.push((
+                    host(ip),
+                    format!("the {what} of gateway {} of cluster {}", g.node, g.cluster),
+                ));
+            }
+        }
+    }
+    out.extend(
+        config
+            .broker
+            .iter()
+            .map(|ip| (host(*ip), "the broker".to_owned())),
+    );
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    // One throw route covers what lies inside it.
+    let all: Vec<Ipv4Net> = out.iter().map(|(n, _)| *n).collect();
+    out.retain(|(n, _)| !all.iter().any(|o| o != n && o.contains(n)));
+    out
 }
 
 /// The overlay addresses: 240.0.0.0/8, as Submariner does; a node's is 240 followed by the
@@ -217,6 +264,24 @@ pub fn desired(
         }
         return out;
     };
+    // A remote CIDR that holds something protected gets a throw route for it (longer prefix,
+    // so it wins); one that lies inside something protected is not routed at all.
+    let guard = protected(config, set, facts);
+    let mut throws: Vec<Ipv4Net> = Vec::new();
+    remote.retain(|r| {
+        if let Some((p, what)) = guard.iter().find(|(p, _)| p.contains(r)) {
+            out.excluded.push((*r, format!("inside {p}, {what}")));
+            throws.push(*r);
+            return false;
+        }
+        for (p, what) in guard.iter().filter(|(p, _)| r.contains(p)) {
+            out.excluded.push((*r, format!("covers {p}, {what}")));
+            throws.push(*p);
+        }
+        true
+    });
+    throws.sort_unstable();
+    throws.dedup();
     let local_pods: Vec<IpNet> = set
         .clusters
         .get(&config.cluster)
@@ -241,6 +306,19 @@ pub fn desired(
             (destination, route)
         })
         .collect();
+    for destination in throws {
+        out.state.routes.insert(
+            destination,
+            Route {
+                destination,
+                next_hop: NextHop::Throw,
+                mtu: 0,
+                source: None,
+                table: own.table,
+                protocol: own.protocol,
+            },
+        );
+    }
     out
 }
 

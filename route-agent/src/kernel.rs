@@ -12,7 +12,7 @@ use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope,
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -170,6 +170,7 @@ impl Kernel {
         let mut facts = NodeFacts {
             links: links.by_name.keys().cloned().collect(),
             addresses: Vec::new(),
+            subnets: Vec::new(),
         };
         let overlay_index = links.by_name.get(&self.overlay_device).copied();
         let mut overlay_addrs = Vec::new();
@@ -191,6 +192,12 @@ impl Kernel {
             if !facts.addresses.contains(&ip) {
                 facts.addresses.push(ip);
             }
+            if let Ok(net) = Ipv4Net::new(ip, a.header.prefix_len) {
+                let net = net.trunc();
+                if !facts.subnets.contains(&net) {
+                    facts.subnets.push(net);
+                }
+            }
         }
         let overlay = links
             .overlay
@@ -201,6 +208,8 @@ impl Kernel {
             .table_id(self.own.table)
             .build();
         query.header.protocol = RouteProtocol::Other(self.own.protocol);
+        // Every type (the builder asks for unicast): the throw routes are the agent's too.
+        query.header.kind = RouteType::Unspec;
         let routes: Vec<RouteMessage> = self
             .handle
             .route()
@@ -395,6 +404,7 @@ impl Kernel {
 fn device(r: &Route) -> &str {
     match &r.next_hop {
         NextHop::Device(d) | NextHop::Via(_, d) => d,
+        NextHop::Throw => "",
     }
 }
 
@@ -483,6 +493,7 @@ fn route_of(m: &RouteMessage, by_index: &BTreeMap<u32, String>) -> Option<Route>
     Some(Route {
         destination,
         next_hop: match gw {
+            _ if m.header.kind == RouteType::Throw => NextHop::Throw,
             Some(g) => NextHop::Via(g, dev.into()),
             None => NextHop::Device(dev.into()),
         },
@@ -494,6 +505,16 @@ fn route_of(m: &RouteMessage, by_index: &BTreeMap<u32, String>) -> Option<Route>
 }
 
 fn route_message(r: &Route, by_name: &BTreeMap<String, u32>) -> Option<RouteMessage> {
+    if r.next_hop == NextHop::Throw {
+        return Some(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.destination.addr(), r.destination.prefix_len())
+                .table_id(r.table)
+                .protocol(RouteProtocol::Other(r.protocol))
+                .kind(RouteType::Throw)
+                .build(),
+        );
+    }
     let index = *by_name.get(device(r))?;
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.destination.addr(), r.destination.prefix_len())
@@ -503,6 +524,7 @@ fn route_message(r: &Route, by_name: &BTreeMap<String, u32>) -> Option<RouteMess
     b = match &r.next_hop {
         NextHop::Device(_) => b.scope(RouteScope::Link),
         NextHop::Via(g, _) => b.gateway(*g),
+        NextHop::Throw => b,
     };
     if let Some(s) = r.source {
         b = b.pref_source(s);

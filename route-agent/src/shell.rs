@@ -69,8 +69,19 @@ impl AgentConfig {
             underlay_mtu: self.underlay_mtu,
             vni: self.vni,
             vxlan_port: self.vxlan_port,
+            broker: broker_ips(&self.credentials.address),
         }
     }
+}
+
+/// The broker's address, when the credentials name it by IP (a name is resolved by the
+/// system; the agent does not guess its addresses).
+fn broker_ips(address: &str) -> Vec<Ipv4Addr> {
+    address
+        .rsplit_once(':')
+        .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
+        .into_iter()
+        .collect()
 }
 
 pub async fn run(
@@ -106,6 +117,7 @@ pub async fn run(
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reread = false;
     let mut last_waiting: Option<&'static str> = None;
+    let mut last_excluded: Vec<(ipnet::Ipv4Net, String)> = Vec::new();
     info!(%cluster, node = %config.node, table = own.table, "route agent up");
     tokio::pin!(shutdown);
     loop {
@@ -151,6 +163,12 @@ pub async fn run(
         }
         for net in &desired.unsupported {
             debug!(%net, "IPv6 CIDR not routed (the overlay is IPv4)");
+        }
+        if desired.excluded != last_excluded {
+            for (net, why) in &desired.excluded {
+                warn!(%net, why = %why, "a remote CIDR covers what the mesh runs on; that part stays out of the tunnel");
+            }
+            last_excluded = desired.excluded.clone();
         }
         let changes = core::diff(&installed, &desired.state, own);
         if changes.is_empty() {

@@ -343,3 +343,123 @@ fn routes_reconcile_follow_the_cluster_set_and_nothing_else_is_touched() {
     assert!(status.success(), "{status}");
     assert_eq!(node_state(&ns), before);
 }
+
+/// The route agent's second line, on a real kernel and without the broker's check: a cluster
+/// set in which a rogue cluster's CIDRs cover this node's underlay subnet, another gateway and
+/// the broker still sends those into the main table, not the tunnel; the rest of the rogue
+/// CIDRs goes into the tunnel as any remote cluster's; the agent converges (a second pass
+/// changes nothing).
+#[test]
+fn the_route_agent_keeps_the_mesh_out_of_the_tunnel_whatever_the_view_says() {
+    use clusterlink_api::{Cluster, ClusterSet, GatewayEndpoint, GatewayRole};
+    use clusterlink_route_agent::core::{self, NodeConfig, Ownership};
+    use clusterlink_route_agent::kernel::Kernel;
+
+    let bed = clusterlink_lab::Testbed::new().expect("a testbed (needs root)");
+    let node = bed.namespace("guard").unwrap();
+    let peer = bed.namespace("guard-peer").unwrap();
+    bed.veth(&node, "eth0", &peer, "eth0").unwrap();
+    node.ip(&["addr", "add", "172.31.1.5/24", "dev", "eth0"])
+        .unwrap();
+    node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "172.31.1.1",
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    // The tunnel device the gateway would make (a veth pair stands in for its TUN).
+    node.ip(&[
+        "link", "add", "cl0", "type", "veth", "peer", "name", "cl0-end",
+    ])
+    .unwrap();
+    for dev in ["cl0", "cl0-end"] {
+        node.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+
+    let mut set = ClusterSet::default();
+    let cluster = |id: &str, pods: &str, svcs: &str| Cluster {
+        id: id.parse().unwrap(),
+        pod_cidrs: pods.parse().unwrap(),
+        service_cidrs: svcs.parse().unwrap(),
+        labels: Default::default(),
+    };
+    for c in [
+        cluster("a", "10.1.0.0/16", "10.101.0.0/16"),
+        cluster("b", "10.2.0.0/16", "10.102.0.0/16"),
+        // The rogue: its pods cover the underlay, its services the broker.
+        cluster("d", "172.31.0.0/16", "192.0.2.0/24"),
+    ] {
+        set.clusters.insert(c.id.clone(), c);
+    }
+    for (c, n, ip) in [("a", "a-gw0", "172.31.1.5"), ("b", "b-gw0", "172.31.9.2")] {
+        let g = GatewayEndpoint {
+            cluster: c.parse().unwrap(),
+            node: n.parse().unwrap(),
+            public_key: [7; 32],
+            private_addr: ip.parse().unwrap(),
+            public_addr: None,
+            port: 51820,
+            role: GatewayRole::Active,
+            generation: 1,
+        };
+        set.gateways.insert((g.cluster.clone(), g.node.clone()), g);
+    }
+    let own = Ownership {
+        table: 211,
+        rule_priority: 211,
+        protocol: 211,
+    };
+    let config = NodeConfig {
+        cluster: "a".parse().unwrap(),
+        node: "a-gw0".parse().unwrap(),
+        node_ip: "172.31.1.5".parse().unwrap(),
+        tunnel_device: "cl0".into(),
+        overlay_device: "vx-guard".into(),
+        tunnel_mtu: 1420,
+        underlay_mtu: 1500,
+        vni: 211,
+        vxlan_port: 4809,
+        broker: vec!["192.0.2.7".parse().unwrap()],
+    };
+    let second_pass = node
+        .run_in(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let kernel = Kernel::connect(own, "vx-guard", "cl0").unwrap();
+                let (installed, facts) = kernel.read().await.unwrap();
+                let want = core::desired(&config, &set, &facts, own);
+                let applied = kernel
+                    .apply(&core::diff(&installed, &want.state, own))
+                    .await
+                    .unwrap();
+                assert!(applied.failures.is_empty(), "{:?}", applied.failures);
+                let (again, facts) = kernel.read().await.unwrap();
+                let want = core::desired(&config, &set, &facts, own);
+                core::diff(&again, &want.state, own)
+            })
+        })
+        .unwrap();
+    assert!(second_pass.is_empty(), "not converged: {second_pass:?}");
+    let via = |dst: &str| {
+        let out = node.ip(&["route", "get", dst]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for kept_out in ["192.0.2.7", "172.31.9.2", "172.31.1.77"] {
+        let r = via(kept_out);
+        assert!(
+            r.contains("dev eth0") && !r.contains("cl0"),
+            "{kept_out}: {r}"
+        );
+    }
+    for tunneled in ["192.0.2.8", "172.31.200.1", "10.2.0.9"] {
+        let r = via(tunneled);
+        assert!(r.contains("dev cl0"), "{tunneled}: {r}");
+    }
+}

@@ -18,6 +18,7 @@ fn config(node: &str, ip: &str) -> NodeConfig {
         underlay_mtu: 1500,
         vni: 211,
         vxlan_port: 4800,
+        broker: Vec::new(),
     }
 }
 
@@ -25,6 +26,7 @@ fn facts(links: &[&str], addrs: &[&str]) -> NodeFacts {
     NodeFacts {
         links: links.iter().map(|l| l.to_string()).collect(),
         addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        subnets: Vec::new(),
     }
 }
 
@@ -336,4 +338,66 @@ fn ten_thousand_cidrs_and_one_change_is_one_replace() {
     let want = desired(&cfg, &set, &NodeFacts::default(), OWN).state;
     let ch = diff(&now, &want, OWN);
     assert_eq!((ch.replace_routes.len(), ch.remove_routes.len()), (0, 2));
+}
+
+#[test]
+fn what_the_mesh_runs_on_never_goes_into_the_tunnel() {
+    // A rogue cluster d whose pods cover the underlay (a's node subnet, b's gateway) and
+    // whose services cover the broker: the broker refuses that join; if one got through,
+    // the agent still keeps those addresses out of the tunnel.
+    let mut set = three();
+    add_cluster(&mut set, "d", "172.31.0.0/16", "192.0.2.0/24");
+    let mut cfg = config("a-w1", "172.31.1.5");
+    cfg.broker = vec!["192.0.2.7".parse().unwrap()];
+    let mut node = facts(&["eth0"], &["172.31.1.5"]);
+    node.subnets = vec!["172.31.1.0/24".parse().unwrap()];
+    let d = desired(&cfg, &set, &node, OWN);
+    let throws: Vec<String> = d
+        .state
+        .routes
+        .values()
+        .filter(|r| r.next_hop == NextHop::Throw)
+        .map(|r| r.destination.to_string())
+        .collect();
+    assert_eq!(
+        throws,
+        [
+            "172.31.1.0/24", // the node's underlay subnet (a-gw0 and this node in it)
+            "172.31.2.2/32", // b's gateway
+            "192.0.2.7/32",  // the broker
+        ]
+    );
+    // The rest of d's CIDRs are routed as any remote cluster's.
+    for routed in ["172.31.0.0/16", "192.0.2.0/24", "10.2.0.0/16"] {
+        let r = &d.state.routes[&net(routed)];
+        assert!(matches!(r.next_hop, NextHop::Via(..)), "{routed}: {r:?}");
+    }
+    assert!(
+        d.excluded
+            .iter()
+            .any(|(n, why)| n.to_string() == "192.0.2.0/24" && why.contains("the broker")),
+        "{:?}",
+        d.excluded
+    );
+    // A remote CIDR inside the node's subnet is not routed at all: thrown whole.
+    let mut inside = three();
+    add_cluster(&mut inside, "e", "172.31.1.128/25", "10.105.0.0/16");
+    let e = desired(&cfg, &inside, &node, OWN);
+    assert_eq!(
+        e.state.routes[&net("172.31.1.128/25")].next_hop,
+        NextHop::Throw
+    );
+    assert!(matches!(
+        e.state.routes[&net("10.105.0.0/16")].next_hop,
+        NextHop::Via(..)
+    ));
+    // Nothing protected in the way: no throw routes at all.
+    let plain = desired(&cfg, &three(), &node, OWN);
+    assert!(
+        plain
+            .state
+            .routes
+            .values()
+            .all(|r| r.next_hop != NextHop::Throw)
+    );
 }
