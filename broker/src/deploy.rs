@@ -119,6 +119,9 @@ pub struct BrokerConfig {
     pub advertise: String,
     /// `embedded` or `etcd://…`.
     pub store: String,
+    /// Per-cluster limits (each field optional; defaults otherwise).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 pub struct DataDir {
@@ -225,6 +228,7 @@ impl BrokerConfig {
             listen,
             advertise,
             store: store.to_string(),
+            limits: crate::limits::Limits::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod core;
 pub mod deploy;
 pub mod hub;
+pub mod limits;
 pub mod pki;
 pub mod server;
 pub mod service;

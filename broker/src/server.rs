@@ -27,6 +27,16 @@ pub enum ServeError {
     Ca(#[from] PkiError),
 }
 
+/// What a broker is told besides its store and TLS.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// The broker's addresses besides the listen address (the advertised one), which no
+    /// cluster's CIDRs may cover.
+    pub protected: Vec<std::net::IpAddr>,
+    /// Per-cluster limits on records and write rate.
+    pub limits: crate::limits::Limits,
+}
+
 /// The broker's TLS material.
 #[derive(Clone, Debug)]
 pub struct BrokerTls {
@@ -34,9 +44,7 @@ pub struct BrokerTls {
     pub server: CertAndKey,
 }
 
-/// Serves the broker on `listener` until `shutdown` resolves. `protected`: the broker's
-/// addresses besides the listen address (the advertised one), which no cluster's CIDRs may
-/// cover. Then it stops accepting, ends
+/// Serves the broker on `listener` until `shutdown` resolves. Then it stops accepting, ends
 /// every watch stream with `UNAVAILABLE` (clients reconnect, to this broker's successor), lets
 /// unary calls in flight finish, and returns; the store is released once the calls are done.
 pub async fn serve<S: Store>(
@@ -44,14 +52,15 @@ pub async fn serve<S: Store>(
     tls: BrokerTls,
     listener: TcpListener,
     clock: Arc<dyn Clock>,
-    protected: Vec<std::net::IpAddr>,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let backend = store.backend();
     let listen = listener.local_addr().ok().map(|a| a.ip());
     let service = BrokerService::new(store, Ca::load(&tls.ca)?, clock)
         .await?
-        .protect(listen.into_iter().chain(protected));
+        .protect(listen.into_iter().chain(options.protected))
+        .with_limits(options.limits);
     // However serving ends, the watch streams and the followers end with it and let go of the
     // store.
     let closing = service.closing();

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::core::{self, Denied, JoinDecision, JoinRefusal, StoredToken};
 use crate::hub::Hub;
+use crate::limits::{Limits, RateLimiter};
 use crate::pki::{Ca, Identity, PkiError, identity_of};
 use crate::store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
 use clusterlink_api::ownership::Infrastructure;
@@ -110,6 +111,19 @@ pub enum ServiceError {
     #[error("no cluster \"{cluster}\" has joined this broker (see clusterlink show clusters)")]
     NoSuchCluster { cluster: ClusterId },
     #[error(
+        "cluster {cluster} writes faster than the broker's limit of {rate} per second; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    TooFast {
+        cluster: ClusterId,
+        rate: u32,
+        retry_after: Duration,
+    },
+    #[error(
+        "cluster {cluster} holds the most records the broker allows ({max}); withdraw some, or raise limits.maxRecords in broker.yaml"
+    )]
+    TooManyRecords { cluster: ClusterId, max: u32 },
+    #[error(
         "a join token lifetime of {} is out of range: give 1m to 365d",
         humantime::format_duration(*ttl)
     )]
@@ -136,6 +150,9 @@ impl From<ServiceError> for Status {
             ServiceError::Store(StoreError::LeaseNotFound(_)) => Status::not_found(msg),
             ServiceError::Store(_) => Status::unavailable(msg),
             ServiceError::WriteConflict { .. } | ServiceError::RegistryBusy => Status::aborted(msg),
+            ServiceError::TooFast { .. } | ServiceError::TooManyRecords { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ServiceError::ForeignLease { .. }
             | ServiceError::NoSuchLease { .. }
             | ServiceError::NoSuchCluster { .. } => Status::not_found(msg),
@@ -203,6 +220,63 @@ impl Registry {
     }
 }
 
+/// The records of every cluster (services, gateways, connection statuses), as this broker
+/// last saw them through the hub: for the per-cluster record limit.
+#[derive(Clone, Default)]
+struct Census {
+    inner: Arc<RwLock<Counted>>,
+}
+
+/// Every record key, and how many each cluster holds.
+type Counted = (std::collections::BTreeSet<String>, BTreeMap<ClusterId, u32>);
+
+impl Census {
+    fn count(&self, id: &ClusterId) -> u32 {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        g.1.get(id).copied().unwrap_or(0)
+    }
+    fn holds(&self, key: &str) -> bool {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        g.0.contains(key)
+    }
+    fn put(&self, key: &str) {
+        let Ok(k) = key.parse::<RecordKey>() else {
+            return;
+        };
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if g.0.insert(key.to_owned()) {
+            *g.1.entry(k.owner().clone()).or_default() += 1;
+        }
+    }
+    fn delete(&self, key: &str) {
+        let Ok(k) = key.parse::<RecordKey>() else {
+            return;
+        };
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if g.0.remove(key)
+            && let Some(n) = g.1.get_mut(k.owner())
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+    /// Replaces what is known of one kind with a full list.
+    fn reset(&self, kind: Kind, keys: Vec<String>) {
+        let stale: Vec<String> = {
+            let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            g.0.iter()
+                .filter(|k| k.starts_with(kind.prefix()))
+                .cloned()
+                .collect()
+        };
+        for k in stale {
+            self.delete(&k);
+        }
+        for k in keys {
+            self.put(&k);
+        }
+    }
+}
+
 pub struct BrokerService<S: Store> {
     store: S,
     ca: Arc<Ca>,
@@ -214,6 +288,10 @@ pub struct BrokerService<S: Store> {
     closing: CancellationToken,
     /// The broker's own addresses (listen and advertised), which no cluster CIDR may cover.
     protected: Vec<IpAddr>,
+    limits: Limits,
+    census: Census,
+    rates: Arc<std::sync::Mutex<RateLimiter>>,
+    started: tokio::time::Instant,
 }
 
 fn token_key(token: &str) -> String {
@@ -269,9 +347,80 @@ impl<S: Store> BrokerService<S> {
             clock,
             closing,
             protected: Vec::new(),
+            limits: Limits::default(),
+            census: Census::default(),
+            rates: Arc::default(),
+            started: tokio::time::Instant::now(),
         };
         svc.follow_registry().await?;
+        for kind in [Kind::Gateways, Kind::Services, Kind::Connections] {
+            svc.follow_census(kind).await?;
+        }
         Ok(svc)
+    }
+
+    /// The per-cluster limits (broker.yaml's `limits`).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Counts the records of `kind` per cluster and keeps counting from the hub.
+    async fn follow_census(&self, kind: Kind) -> Result<(), StoreError> {
+        let list = move |store: S| async move {
+            let (kvs, rev) = store.list(kind.prefix()).await?;
+            Ok::<_, StoreError>((kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(), rev))
+        };
+        let (keys, rev) = list(self.store.clone()).await?;
+        self.census.reset(kind, keys);
+        let (store, hub, census) = (self.store.clone(), self.hub.clone(), self.census.clone());
+        let closing = self.closing.clone();
+        tokio::spawn(closing.run_until_cancelled_owned(async move {
+            let mut rev = rev;
+            loop {
+                let (tx, mut rx) = mpsc::channel(64);
+                hub.watch(kind, rev, tx);
+                while let Some(Ok(resp)) = rx.recv().await {
+                    if resp.relist_required {
+                        break;
+                    }
+                    for ev in resp.events {
+                        if ev.r#type == proto::EventType::Put as i32 {
+                            census.put(&ev.key);
+                        } else {
+                            census.delete(&ev.key);
+                        }
+                    }
+                }
+                loop {
+                    match list(store.clone()).await {
+                        Ok((keys, r)) => {
+                            census.reset(kind, keys);
+                            rev = r;
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot count the records; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// One write of `cluster` against its rate.
+    fn take_write(&self, cluster: &ClusterId) -> Result<(), ServiceError> {
+        let now = self.started.elapsed();
+        let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        rates
+            .take(cluster, now, &self.limits)
+            .map_err(|retry_after| ServiceError::TooFast {
+                cluster: cluster.clone(),
+                rate: self.limits.writes_per_second,
+                retry_after,
+            })
     }
 
     /// Loads the registry and keeps it current from the hub.
@@ -591,6 +740,19 @@ impl<S: Store> BrokerService<S> {
             .try_into()?;
         let key = record.key();
         let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        self.take_write(&caller)?;
+        let skey = key.to_string();
+        // A new record past the cluster's limit (an update of one it holds is always taken;
+        // the census may lag a write made through another broker: the store says).
+        if self.census.count(&caller) >= self.limits.max_records
+            && !self.census.holds(&skey)
+            && self.store.get(&skey).await?.is_none()
+        {
+            return Err(ServiceError::TooManyRecords {
+                cluster: caller,
+                max: self.limits.max_records,
+            });
+        }
         let reg_rev = entry.rev;
         if let Record::Gateway(g) = &mut record {
             // The public address is what the broker sees, not what the gateway claims; an
@@ -603,7 +765,6 @@ impl<S: Store> BrokerService<S> {
         if req.lease_id != 0 {
             self.check_lease(req.lease_id, &caller).await?;
         }
-        let skey = key.to_string();
         let mut txn = Txn::default()
             .when(Compare::ModRevision(
                 RecordKey::Cluster(caller).to_string(),
@@ -632,6 +793,7 @@ impl<S: Store> BrokerService<S> {
         };
         let key = RecordKey::from_name(kind, id, &req.name)?;
         let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        self.take_write(&caller)?;
         let reg_rev = entry.rev;
         let txn = Txn::default()
             .when(Compare::ModRevision(
@@ -663,6 +825,10 @@ impl<S: Store> BrokerService<S> {
             TxnOutcome::Failed => 0,
         };
         self.registry.remove(&id);
+        self.rates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(&id);
         info!(cluster = %id, records = deleted, "cluster revoked");
         Ok(deleted as u32)
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use clusterlink_api::proto::{self, broker_client::BrokerClient};
 use clusterlink_api::{Kind, Record};
 use clusterlink_broker::pki::{Ca, CertAndKey, new_ca, new_client_key};
-use clusterlink_broker::server::{BrokerTls, serve};
+use clusterlink_broker::server::{BrokerTls, ServeOptions, serve};
 use clusterlink_broker::service::Clock;
 use clusterlink_broker::store::embedded::EmbeddedOptions;
 use clusterlink_broker::store::{EmbeddedStore, EtcdStore, Store};
@@ -59,16 +59,16 @@ impl TestBroker {
         admin: CertAndKey,
         dir: Option<tempfile::TempDir>,
     ) -> Self {
-        Self::start_protecting(store, tls, admin, dir, Vec::new()).await
+        Self::start_with(store, tls, admin, dir, ServeOptions::default()).await
     }
 
-    /// A broker that also counts `protected` as its own addresses (as its advertised one).
-    async fn start_protecting<S: Store>(
+    /// A broker with `options` (its protected addresses, its limits).
+    async fn start_with<S: Store>(
         store: S,
         tls: BrokerTls,
         admin: CertAndKey,
         dir: Option<tempfile::TempDir>,
-        protected: Vec<std::net::IpAddr>,
+        options: ServeOptions,
     ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
@@ -77,7 +77,7 @@ impl TestBroker {
         let c: Arc<dyn Clock> = Arc::new(clock.clone());
         let t = tls.clone();
         tokio::spawn(async move {
-            serve(store, t, listener, c, protected, async {
+            serve(store, t, listener, c, options, async {
                 let _ = stopped.await;
             })
             .await
@@ -1010,12 +1010,15 @@ async fn no_cluster_cidr_may_cover_the_mesh_or_a_reserved_range() {
     let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
     let (tls, admin) = make_tls();
     // The broker is also reached at 198.51.100.7 (its advertised address).
-    let b = TestBroker::start_protecting(
+    let b = TestBroker::start_with(
         store,
         tls,
         admin,
         Some(dir),
-        vec!["198.51.100.7".parse().unwrap()],
+        ServeOptions {
+            protected: vec!["198.51.100.7".parse().unwrap()],
+            ..ServeOptions::default()
+        },
     )
     .await;
     let t = b.token(false).await;
@@ -1055,4 +1058,186 @@ async fn no_cluster_cidr_may_cover_the_mesh_or_a_reserved_range() {
     b.join(&t, "rogue", "10.9.0.0/16", "10.109.0.0/16")
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_flooding_the_broker_is_held_to_its_limits_and_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
+    let (tls, admin) = make_tls();
+    let limits = clusterlink_broker::limits::Limits {
+        max_records: 50,
+        writes_per_second: 100,
+        burst: 100,
+    };
+    let b = TestBroker::start_with(
+        store,
+        tls,
+        admin,
+        Some(dir),
+        ServeOptions {
+            limits,
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let t = b.token(false).await;
+    let east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    let mut west = b
+        .join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    let mut watcher = b
+        .admin()
+        .await
+        .watch(proto::WatchRequest {
+            kind: Kind::Services.to_proto() as i32,
+            from_revision: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // East floods: eight writers, as fast as they can, for two seconds, over 40 names.
+    let started = std::time::Instant::now();
+    let flood: Vec<_> = (0..8)
+        .map(|w| {
+            let mut c = east.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut limited, mut hint) = (0u64, 0u64, String::new());
+                let mut i = 0u64;
+                while started.elapsed() < Duration::from_secs(2) {
+                    let name = format!("f{}", (w * 5 + i) % 40);
+                    i += 1;
+                    match c.publish(publish(service("east", "flood", &name))).await {
+                        Ok(_) => ok += 1,
+                        Err(s) if s.code() == Code::ResourceExhausted => {
+                            limited += 1;
+                            hint = s.message().to_owned();
+                        }
+                        Err(s) => panic!("{s:?}"),
+                    }
+                }
+                (ok, limited, hint)
+            })
+        })
+        .collect();
+    // Meanwhile west's updates reach a watcher, every one, none refused.
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let sent = std::time::Instant::now();
+        let rev = west
+            .publish(publish(service("west", "demo", &format!("w{i}"))))
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+        'seen: loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), watcher.message())
+                .await
+                .expect("west's update did not reach the watcher within 10 s")
+                .unwrap()
+                .unwrap();
+            if msg
+                .events
+                .iter()
+                .any(|e| e.revision >= rev && e.key.contains("/west/"))
+            {
+                break 'seen;
+            }
+        }
+        worst = worst.max(sent.elapsed());
+    }
+    let (mut ok, mut limited, mut hint) = (0, 0, String::new());
+    for f in flood {
+        let (o, l, h) = f.await.unwrap();
+        ok += o;
+        limited += l;
+        if !h.is_empty() {
+            hint = h;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // East got its burst and its rate, no more (with one second of slack for the edges).
+    let allowed = 100.0 + 100.0 * (elapsed + 1.0);
+    assert!(
+        (ok as f64) <= allowed,
+        "east wrote {ok} in {elapsed:.1} s, allowed {allowed}"
+    );
+    assert!(limited > 0, "east was never held back ({ok} writes)");
+    assert!(
+        hint.contains("limit of 100 per second") && hint.contains("retry in"),
+        "{hint}"
+    );
+    // A liveness bound, not a performance figure (BENCHMARKS has those).
+    assert!(
+        worst < Duration::from_secs(2),
+        "west's slowest update took {worst:?}"
+    );
+
+    // The record limit: east holds 40 records; 10 more fit, the 11th new one does not. (Each
+    // write is retried while the rate limit holds it back: east's bucket is still empty.)
+    let mut east = east;
+    let write = async |c: &mut BrokerClient<Channel>, name: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.publish(publish(service("east", "more", name))).await {
+                Err(s)
+                    if s.message().contains("writes faster")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => return r,
+            }
+        }
+    };
+    for i in 0..10 {
+        write(&mut east, &format!("m{i}")).await.unwrap();
+    }
+    let full = write(&mut east, "m10").await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(
+        full.message()
+            .contains("holds the most records the broker allows (50)"),
+        "{full:?}"
+    );
+    // Updating one it holds is still taken; withdrawing one makes room.
+    write(&mut east, "m0").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = east
+            .withdraw(proto::WithdrawRequest {
+                kind: proto::Kind::Services as i32,
+                name: "more/m0".into(),
+            })
+            .await;
+        match r {
+            Err(s)
+                if s.message().contains("writes faster")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            r => {
+                assert!(r.unwrap().into_inner().deleted);
+                break;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match write(&mut east, "m10").await {
+            Ok(_) => break,
+            Err(s) if std::time::Instant::now() < deadline => {
+                // The census learns of the withdrawal through the hub: polled, with a deadline.
+                assert!(s.message().contains("holds the most records"), "{s:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("no room after a withdrawal: {s:?}"),
+        }
+    }
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_api::proto;
 use clusterlink_broker::deploy::{AnyStore, BrokerConfig, DataDir, StoreSpec};
-use clusterlink_broker::server::serve;
+use clusterlink_broker::server::{ServeOptions, serve};
 use clusterlink_broker::service::{MAX_TOKEN_TTL, MIN_TOKEN_TTL, SystemClock, create_token};
 use clusterlink_broker_client::{
     BrokerInfo, Credentials, check_address, connect_with, rfc3339_from_unix_ms,
@@ -221,10 +221,19 @@ async fn run_broker(a: RunArgs) -> Result<()> {
         .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
         .into_iter()
         .collect();
+    config
+        .limits
+        .check()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("Invalid limits in {}", dir.config_path().display()))?;
+    let options = ServeOptions {
+        protected: advertised,
+        limits: config.limits,
+    };
     daemon::run("broker", a.shutdown.grace(), |stop| async move {
         match store {
-            AnyStore::Embedded(s) => serve(s, tls, listener, clock, advertised, stop).await?,
-            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, advertised, stop).await?,
+            AnyStore::Embedded(s) => serve(s, tls, listener, clock, options, stop).await?,
+            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, options, stop).await?,
         }
         Ok(())
     })
