@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the storage contract and its embedded (redb) and etcd backends.
 
+pub mod audit;
 pub mod core;
 pub mod deploy;
 pub mod hub;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::audit;
 use crate::core::{self, Denied, JoinDecision, JoinRefusal, StoredToken};
 use crate::hub::Hub;
 use crate::limits::{Limits, RateLimiter};
@@ -290,6 +291,7 @@ pub struct BrokerService<S: Store> {
     protected: Vec<IpAddr>,
     limits: Limits,
     census: Census,
+    audit: Arc<audit::Audit>,
     rates: Arc<std::sync::Mutex<RateLimiter>>,
     started: tokio::time::Instant,
 }
@@ -349,6 +351,7 @@ impl<S: Store> BrokerService<S> {
             protected: Vec::new(),
             limits: Limits::default(),
             census: Census::default(),
+            audit: Arc::default(),
             rates: Arc::default(),
             started: tokio::time::Instant::now(),
         };
@@ -477,6 +480,27 @@ impl<S: Store> BrokerService<S> {
         self.protected.sort();
         self.protected.dedup();
         self
+    }
+
+    /// Records `r` in the audit trail (refusals always; successes when `record_ok`, the admin
+    /// actions and joins) and turns it into the call's result.
+    fn audited<T>(
+        &self,
+        who: String,
+        action: &str,
+        target: String,
+        r: Result<T, ServiceError>,
+        record_ok: bool,
+    ) -> Result<T, Status> {
+        let at = unix_ms(self.clock.now());
+        match &r {
+            Ok(_) if record_ok => self.audit.record(at, who, action, target, None),
+            Ok(_) => {}
+            Err(e) => self
+                .audit
+                .record(at, who, action, target, Some(e.to_string())),
+        }
+        r.map_err(Status::from)
     }
 
     /// Ends every watch stream and background follower; see `closing`.
@@ -855,9 +879,19 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
     ) -> Result<Response<proto::JoinResponse>, Status> {
         // The address the joiner reached the broker at is one its CIDRs may not cover.
         let local = request.local_addr().map(|a| a.ip());
-        Ok(Response::new(
-            self.do_join(local, request.into_inner()).await?,
-        ))
+        let target = request
+            .get_ref()
+            .cluster
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let r = self.do_join(local, request.into_inner()).await;
+        let who = match &r {
+            Ok(_) => format!("cluster/{target}"),
+            Err(_) => audit::who(None),
+        };
+        self.audited(who, "join", target, r, true)
+            .map(Response::new)
     }
 
     async fn list(
@@ -865,7 +899,14 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
         let identity = Self::identity(&request)?;
-        self.authorize_read(&identity).await?;
+        let read = self.authorize_read(&identity).await;
+        self.audited(
+            audit::who(Some(&identity)),
+            "list",
+            String::new(),
+            read,
+            false,
+        )?;
         let kind = Kind::from_proto(request.get_ref().kind).map_err(ServiceError::from)?;
         let (kvs, revision) = self
             .store
@@ -886,7 +927,14 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let identity = Self::identity(&request)?;
-        self.authorize_read(&identity).await?;
+        let read = self.authorize_read(&identity).await;
+        self.audited(
+            audit::who(Some(&identity)),
+            "watch",
+            String::new(),
+            read,
+            false,
+        )?;
         let req = request.into_inner();
         let kind = Kind::from_proto(req.kind).map_err(ServiceError::from)?;
         let (hub_tx, mut hub_rx) = mpsc::channel(16);
@@ -947,22 +995,38 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
-        let identity = Self::identity(&request)?;
+        let identity = Self::identity(&request);
         let remote = request.remote_addr();
-        Ok(Response::new(
-            self.do_publish(identity, remote, request.into_inner())
-                .await?,
-        ))
+        let req = request.into_inner();
+        let target = req
+            .record
+            .clone()
+            .and_then(|r| Record::try_from(r).ok())
+            .map(|r| r.key().to_string())
+            .unwrap_or_default();
+        let who = audit::who(identity.as_ref().ok());
+        let r = match identity {
+            Ok(identity) => self.do_publish(identity, remote, req).await,
+            Err(e) => Err(e),
+        };
+        self.audited(who, "publish", target, r, false)
+            .map(Response::new)
     }
 
     async fn withdraw(
         &self,
         request: Request<proto::WithdrawRequest>,
     ) -> Result<Response<proto::WithdrawResponse>, Status> {
-        let identity = Self::identity(&request)?;
-        Ok(Response::new(
-            self.do_withdraw(identity, request.into_inner()).await?,
-        ))
+        let identity = Self::identity(&request);
+        let req = request.into_inner();
+        let target = format!("{}/{}", req.kind, req.name);
+        let who = audit::who(identity.as_ref().ok());
+        let r = match identity {
+            Ok(identity) => self.do_withdraw(identity, req).await,
+            Err(e) => Err(e),
+        };
+        self.audited(who, "withdraw", target, r, false)
+            .map(Response::new)
     }
 
     async fn grant_lease(
@@ -1022,31 +1086,65 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::RevokeClusterRequest>,
     ) -> Result<Response<proto::RevokeClusterResponse>, Status> {
-        let identity = Self::identity(&request)?;
-        core::authorize_admin(&identity).map_err(ServiceError::from)?;
-        let records_removed = self.do_revoke(request.into_inner()).await?;
-        Ok(Response::new(proto::RevokeClusterResponse {
-            records_removed,
-        }))
+        let identity = Self::identity(&request);
+        let who = audit::who(identity.as_ref().ok());
+        let target = request.get_ref().cluster_id.clone();
+        let r = async {
+            core::authorize_admin(&identity?)?;
+            let records_removed = self.do_revoke(request.into_inner()).await?;
+            Ok(proto::RevokeClusterResponse { records_removed })
+        }
+        .await;
+        self.audited(who, "revoke", target, r, true)
+            .map(Response::new)
     }
 
     async fn create_token(
         &self,
         request: Request<proto::CreateTokenRequest>,
     ) -> Result<Response<proto::CreateTokenResponse>, Status> {
-        let identity = Self::identity(&request)?;
-        core::authorize_admin(&identity).map_err(ServiceError::from)?;
+        let identity = Self::identity(&request);
+        let who = audit::who(identity.as_ref().ok());
         let req = request.into_inner();
-        let ttl = if req.ttl_seconds == 0 {
-            DEFAULT_TOKEN_TTL
-        } else {
-            Duration::from_secs(req.ttl_seconds)
-        };
-        let (token, expires_at_unix_ms) =
-            create_token(&self.store, self.clock.now(), ttl, req.single_use).await?;
-        Ok(Response::new(proto::CreateTokenResponse {
-            token,
-            expires_at_unix_ms,
+        let target = format!(
+            "token (ttl {} s{})",
+            req.ttl_seconds,
+            if req.single_use { ", single use" } else { "" }
+        );
+        let r = async {
+            core::authorize_admin(&identity?)?;
+            let ttl = if req.ttl_seconds == 0 {
+                DEFAULT_TOKEN_TTL
+            } else {
+                Duration::from_secs(req.ttl_seconds)
+            };
+            let (token, expires_at_unix_ms) =
+                create_token(&self.store, self.clock.now(), ttl, req.single_use).await?;
+            Ok(proto::CreateTokenResponse {
+                token,
+                expires_at_unix_ms,
+            })
+        }
+        .await;
+        self.audited(who, "create-token", target, r, true)
+            .map(Response::new)
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<proto::ListEventsRequest>,
+    ) -> Result<Response<proto::ListEventsResponse>, Status> {
+        let identity = Self::identity(&request)?;
+        let allowed = core::authorize_admin(&identity).map_err(ServiceError::from);
+        self.audited(
+            audit::who(Some(&identity)),
+            "list-events",
+            String::new(),
+            allowed,
+            false,
+        )?;
+        Ok(Response::new(proto::ListEventsResponse {
+            events: self.audit.recent(request.get_ref().limit as usize),
         }))
     }
 

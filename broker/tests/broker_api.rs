@@ -1241,3 +1241,79 @@ async fn a_cluster_flooding_the_broker_is_held_to_its_limits_and_others_are_not(
         }
     }
 }
+
+#[tokio::test]
+async fn the_broker_keeps_an_audit_trail_of_admin_actions_and_refusals() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let mut east = b
+        .join(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await
+        .unwrap();
+    b.join(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await
+        .unwrap();
+    // A refused publish, a refused join, an admin revoke, a refused read of the trail.
+    east.publish(publish(service_at("east", "away", &["8.8.8.8"], &[])))
+        .await
+        .unwrap_err();
+    b.join("clt1.nope", "rogue", "10.9.0.0/16", "10.109.0.0/16")
+        .await
+        .err()
+        .unwrap();
+    let mut admin = b.admin().await;
+    admin
+        .revoke_cluster(proto::RevokeClusterRequest {
+            cluster_id: "west".into(),
+        })
+        .await
+        .unwrap();
+    let denied = east
+        .list_events(proto::ListEventsRequest { limit: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let events = admin
+        .list_events(proto::ListEventsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let find = |who: &str, action: &str| {
+        events
+            .iter()
+            .find(|e| e.who == who && e.action == action)
+            .unwrap_or_else(|| panic!("no {who} {action} in {events:?}"))
+    };
+    let p = find("cluster/east", "publish");
+    assert!(p.refused && p.target == "services/east/demo/away", "{p:?}");
+    assert!(p.reason.contains("8.8.8.8"), "{p:?}");
+    let j = find("anonymous", "join");
+    assert!(
+        j.refused && j.target == "rogue" && j.reason.contains("not known"),
+        "{j:?}"
+    );
+    let r = find("admin", "revoke");
+    assert!(!r.refused && r.target == "west", "{r:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.who == "cluster/east" && e.action == "join" && !e.refused)
+    );
+    // Newest last, and the limit keeps the newest.
+    let last = admin
+        .list_events(proto::ListEventsRequest { limit: 1 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(last.len(), 1);
+    assert_eq!(
+        (
+            last[0].who.as_str(),
+            last[0].action.as_str(),
+            last[0].refused
+        ),
+        ("cluster/east", "list-events", true)
+    );
+}

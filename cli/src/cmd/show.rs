@@ -22,6 +22,69 @@ pub enum ShowCommand {
     Connections(ShowArgs),
     /// Exported services: which clusters export each, and which of those are healthy.
     Services(ShowArgs),
+    /// The broker's recent admin actions and refusals (admin credentials; this broker's
+    /// own, newest last; the full trail is in its log, target clusterlink::audit).
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// At most this many, newest last (0: all the broker keeps, up to 1,000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub show: ShowArgs,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventView {
+    pub at: String,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub reason: String,
+}
+
+impl Tabular for EventView {
+    fn header() -> Vec<&'static str> {
+        vec!["AT", "WHO", "ACTION", "TARGET", "OUTCOME", "REASON"]
+    }
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.at.clone(),
+            self.who.clone(),
+            self.action.clone(),
+            self.target.clone(),
+            self.outcome.clone(),
+            self.reason.clone(),
+        ]
+    }
+}
+
+async fn events(a: EventsArgs) -> Result<()> {
+    let creds = a.show.credentials.load()?;
+    let mut client = connect_with(&creds).await?;
+    let resp = call(
+        "list events",
+        client.list_events(proto::ListEventsRequest { limit: a.limit }),
+    )
+    .await?;
+    let rows: Vec<EventView> = resp
+        .events
+        .into_iter()
+        .map(|e| EventView {
+            at: rfc3339_from_unix_ms(e.at_unix_ms),
+            who: e.who,
+            action: e.action,
+            target: e.target,
+            outcome: if e.refused { "refused" } else { "done" }.into(),
+            reason: e.reason,
+        })
+        .collect();
+    print(&render(&rows, a.show.output)?);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -67,6 +130,7 @@ pub async fn run(c: ShowCommand) -> Result<()> {
         ShowCommand::Gateways(a) => gateways(a).await,
         ShowCommand::Connections(a) => connections(a).await,
         ShowCommand::Services(a) => services(a).await,
+        ShowCommand::Events(a) => events(a).await,
     }
 }
 

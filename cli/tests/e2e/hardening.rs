@@ -500,7 +500,7 @@ fn outputs_are_honest_and_arguments_are_checked_at_the_edge() {
     );
 
     // Every -o json is one JSON document on stdout and nothing else.
-    for what in ["clusters", "services", "gateways", "connections"] {
+    for what in ["clusters", "services", "gateways", "connections", "events"] {
         let out = ok(&clusterlink(
             dir,
             &[
@@ -515,6 +515,32 @@ fn outputs_are_honest_and_arguments_are_checked_at_the_edge() {
         serde_json::from_str::<serde_json::Value>(&out)
             .unwrap_or_else(|e| panic!("show {what} -o json is not pure JSON ({e}): {out}"));
     }
+
+    // The refused revoke is in the broker's audit trail, with who and why.
+    let events = ok(&clusterlink(
+        dir,
+        &[
+            "show",
+            "events",
+            "-o",
+            "json",
+            "--credentials",
+            "broker/admin.yaml",
+        ],
+    ));
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["who"] == "admin"
+                && e["action"] == "revoke"
+                && e["target"] == "nosuch"
+                && e["outcome"] == "refused"
+                && e["reason"].as_str().unwrap().contains("no cluster")),
+        "{events}"
+    );
 
     // A reader that goes away: the command ends quietly, no panic.
     let mut child = Command::new(BIN)
