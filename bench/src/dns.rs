@@ -146,6 +146,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         policy: clusterlink_dns::answer::Policy::RoundRobin,
         ns_addresses: vec![a.listen.ip()],
         controllers: None,
+        record_lease: clusterlink_dns::controller::DEFAULT_RECORD_LEASE,
     };
     let view = synthetic(a.names)?;
     tokio::runtime::Runtime::new()

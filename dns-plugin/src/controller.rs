@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::export::reconcile_export;
 use crate::kube_source::KubeError;
@@ -61,6 +61,13 @@ pub struct ExportController {
     /// The manifest directory as last read (a directory source only); `None` while a read
     /// is running off the runtime.
     manifests: Option<ManifestDir>,
+    /// The broker lease this plugin's service records live under: if the plugin dies, they
+    /// go when it lapses. One lease for all of them (one renewal per period, not one per
+    /// record).
+    lease: Option<i64>,
+    lease_ttl: Duration,
+    /// The records published under the current lease (a new lease republishes the rest).
+    leased: std::collections::BTreeSet<Key>,
     last_errors: Vec<String>,
 }
 
@@ -80,6 +87,62 @@ impl ExportController {
             imported: BTreeMap::new(),
             last_errors: Vec::new(),
             manifests: source_dir.as_ref().map(ManifestDir::new),
+            lease: None,
+            lease_ttl: DEFAULT_RECORD_LEASE,
+            leased: Default::default(),
+        }
+    }
+
+    /// How long this plugin's service records outlive it (renewed every third of it).
+    pub fn with_record_lease(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// The current lease, granted when there is none.
+    async fn lease(&mut self) -> Result<i64, ControllerError> {
+        if let Some(l) = self.lease {
+            return Ok(l);
+        }
+        let ttl = self.lease_ttl;
+        let granted = self
+            .client()
+            .await?
+            .grant_lease(proto::GrantLeaseRequest {
+                ttl_seconds: 0,
+                ttl_millis: ttl.as_millis().try_into().unwrap_or(u32::MAX),
+            })
+            .await
+            .map_err(|status| ControllerError::Lease { status })?
+            .into_inner();
+        self.leased.clear();
+        self.lease = Some(granted.lease_id);
+        Ok(granted.lease_id)
+    }
+
+    /// Renews the lease; one that lapsed (a broker outage longer than its TTL) is replaced
+    /// at the next pass, which publishes every record under the new one.
+    async fn keep_alive(&mut self) {
+        let Some(lease) = self.lease else { return };
+        let Ok(client) = self.client().await else {
+            return;
+        };
+        match client
+            .keep_alive(proto::KeepAliveRequest { lease_id: lease })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                warn!(
+                    lease,
+                    "the service records' lease lapsed; publishing them again"
+                );
+                self.lease = None;
+            }
+            Err(s) => {
+                debug!(error = %s.message(), "cannot renew the service records' lease; retrying");
+                self.client = None;
+            }
         }
     }
 
@@ -106,9 +169,15 @@ impl ExportController {
         };
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew = tokio::time::interval(self.lease_ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = renew.tick() => {
+                    self.keep_alive().await;
+                    continue;
+                }
                 _ = changed.notified() => {
                     // An editor's save is several events: take them as one.
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -225,18 +294,28 @@ impl ExportController {
             .map(|r| ((r.namespace.to_string(), r.name.to_string()), r))
             .collect();
         for (k, r) in &desired {
-            if mine.get(k) != Some(&r) {
+            if mine.get(k) != Some(&r) || !self.leased.contains(k) {
+                let lease_id = self.lease().await?;
                 let client = self.client().await?;
-                client
+                let sent = client
                     .publish(proto::PublishRequest {
                         record: Some(Record::Service(r.clone()).into()),
-                        lease_id: 0,
+                        lease_id,
                         expected_revision: 0,
                         create_only: false,
                     })
-                    .await
-                    .map_err(refused("publish", k))?;
-                info!(namespace = %k.0, name = %k.1, ready = r.ready, "service exported");
+                    .await;
+                if let Err(s) = &sent
+                    && s.code() == tonic::Code::NotFound
+                {
+                    // The lease lapsed: a new one at the next pass.
+                    self.lease = None;
+                }
+                sent.map_err(refused("publish", k))?;
+                self.leased.insert(k.clone());
+                if mine.get(k) != Some(&r) {
+                    info!(namespace = %k.0, name = %k.1, ready = r.ready, "service exported");
+                }
             }
         }
         for k in mine.keys().filter(|k| !desired.contains_key(*k)) {
@@ -248,6 +327,7 @@ impl ExportController {
                 })
                 .await
                 .map_err(refused("withdraw", k))?;
+            self.leased.remove(k);
             info!(namespace = %k.0, name = %k.1, "service unexported");
         }
         Ok(())
@@ -394,8 +474,13 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), SinkError> {
 }
 
 /// Why a pass of the export controller stopped (it runs again at the next tick).
+/// How long a DNS plugin's service records outlive it by default.
+pub const DEFAULT_RECORD_LEASE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Error)]
 pub enum ControllerError {
+    #[error("the broker granted no lease for the service records: {}", .status.message())]
+    Lease { status: tonic::Status },
     #[error("reading the manifest directory: {0}")]
     Read(String),
     #[error("reading the Kubernetes API: {0}")]

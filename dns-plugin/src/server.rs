@@ -59,6 +59,9 @@ pub struct DnsConfig {
     pub ns_addresses: Vec<std::net::IpAddr>,
     /// Where the export and import controllers work (none: the plugin only answers).
     pub controllers: Option<crate::controller::Source>,
+    /// How long this plugin's service records outlive it (a broker lease, renewed every
+    /// third of it): a cluster whose plugin died stops being answered after this.
+    pub record_lease: std::time::Duration,
 }
 
 /// The largest UDP reply sent: whatever the client offers (RFC 6891 6.2.5), up to 64 KiB. A
@@ -416,6 +419,7 @@ pub async fn run(
     let controller = config.controllers.clone().map(|source| {
         tokio::spawn(
             crate::controller::ExportController::new(source, credentials, local.clone())
+                .with_record_lease(config.record_lease)
                 .run(set.clone()),
         )
     });

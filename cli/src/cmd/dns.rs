@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// address, or with a wildcard listen address, this host's addresses of that family.
     #[arg(long = "ns-address")]
     pub ns_addresses: Vec<std::net::IpAddr>,
+    /// How long this plugin's exported services outlive it if it dies (a broker lease,
+    /// renewed every third of it; 3s to 10m).
+    #[arg(long, default_value = "10s", value_parser = parse_record_lease)]
+    pub record_lease: humantime::Duration,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -71,6 +75,7 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     PolicyArg::RoundRobin => Policy::RoundRobin,
                     PolicyArg::Nearest => Policy::Nearest,
                 },
+                record_lease: *a.record_lease,
                 ns_addresses: if a.ns_addresses.is_empty() {
                     default_ns_addresses(a.listen.ip())
                 } else {
@@ -126,4 +131,15 @@ fn default_ns_addresses(listen: IpAddr) -> Vec<IpAddr> {
         warn!("no interface address found for ns.<zone>; give --ns-address");
     }
     found
+}
+
+fn parse_record_lease(s: &str) -> Result<humantime::Duration, String> {
+    let d: humantime::Duration = s
+        .parse()
+        .map_err(|e| format!("{e} (expected a duration such as 10s)"))?;
+    if (std::time::Duration::from_secs(3)..=std::time::Duration::from_secs(600)).contains(&*d) {
+        Ok(d)
+    } else {
+        Err(format!("{s} is outside 3s..=10m"))
+    }
 }

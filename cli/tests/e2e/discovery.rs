@@ -497,3 +497,28 @@ fn large_answers_over_edns_and_a_file_caught_half_written_keeps_its_services() {
         "{log}"
     );
 }
+
+#[test]
+fn a_cluster_whose_dns_plugin_died_stops_being_answered_when_its_lease_lapses() {
+    let lab = up();
+    lab.wait_services(Duration::from_secs(20)).unwrap();
+    let pod = lab.worker(0).pod.ns();
+    let name = clusterlink_lab::lab::ECHO_NAME;
+    let c_ip = lab.worker(2).pod.address.to_string();
+    wait_until("c's echo in a's answers", Duration::from_secs(20), || {
+        short(&pod, name, "A", &[]).contains(&c_ip)
+    })
+    .unwrap();
+    // c's DNS plugin dies without a word (its tunnels stay up): its records go with the
+    // lease it can no longer renew (10 s by default), and a stops answering c's address.
+    lab.bed.kill(lab.state.clusters[2].dns_pid);
+    wait_until(
+        "c's echo to leave a's answers when its lease lapses",
+        Duration::from_secs(30),
+        || {
+            let a = short(&pod, name, "A", &[]);
+            !a.is_empty() && !a.contains(&c_ip)
+        },
+    )
+    .unwrap();
+}
