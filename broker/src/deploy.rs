@@ -68,11 +68,13 @@ impl FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "embedded" {
             Ok(StoreSpec::Embedded)
-        } else if s.starts_with("etcd://") && s.len() > "etcd://".len() {
+        } else if (s.starts_with("etcd://") && s.len() > "etcd://".len())
+            || (s.starts_with("etcds://") && s.len() > "etcds://".len())
+        {
             Ok(StoreSpec::Etcd(s.to_owned()))
         } else {
             Err(format!(
-                "{s:?} is not a store: use `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
+                "{s:?} is not a store: use `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `etcds://HOST:PORT[,...]?ca=FILE&cert=FILE&key=FILE`"
             ))
         }
     }

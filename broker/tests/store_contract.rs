@@ -280,6 +280,21 @@ where
     drop(etcd);
 }
 
+/// The same contract against an etcd that serves clients over TLS only and checks their
+/// certificates (`--client-cert-auth`), reached with `etcds://…?ca=…&cert=…&key=…`.
+async fn run_etcd_tls<F, Fut>(test: F)
+where
+    F: FnOnce(EtcdStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let etcd = EtcdServer::start_tls().expect("start etcd with TLS (Debian etcd-server)");
+    let s = EtcdStore::connect(&etcd.url(), "/clusterlink-test")
+        .await
+        .unwrap();
+    test(s).await;
+    drop(etcd);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -290,7 +305,65 @@ macro_rules! contract {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::run_etcd(super::$name).await })*
         }
+        mod etcd_tls {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::run_etcd_tls(super::$name).await })*
+        }
     };
+}
+
+#[tokio::test]
+async fn etcd_over_tls_refuses_a_wrong_ca_a_missing_client_certificate_and_plain_text() {
+    let etcd = EtcdServer::start_tls().expect("start etcd with TLS (Debian etcd-server)");
+    let tls = etcd.tls.clone().unwrap();
+    let port = etcd.client_port;
+    // A CA that did not sign etcd's certificate.
+    let wrong_ca = format!(
+        "etcds://127.0.0.1:{port}?ca={}&cert={}&key={}",
+        tls.other_ca.display(),
+        tls.client_cert.display(),
+        tls.client_key.display()
+    );
+    let e = EtcdStore::connect(&wrong_ca, "/x")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("over TLS") && e.contains("ca="), "{e}");
+    // No client certificate: etcd refuses it.
+    let anonymous = format!("etcds://127.0.0.1:{port}?ca={}", tls.ca.display());
+    let e = EtcdStore::connect(&anonymous, "/x")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("over TLS"), "{e}");
+    // Plain text to a TLS port.
+    assert!(
+        EtcdStore::connect(&format!("etcd://127.0.0.1:{port}"), "/x")
+            .await
+            .is_err()
+    );
+    // Half a client identity, an unknown option: refused before connecting.
+    let half = format!(
+        "etcds://127.0.0.1:{port}?ca={}&cert={}",
+        tls.ca.display(),
+        tls.client_cert.display()
+    );
+    let e = EtcdStore::connect(&half, "/x")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("both cert=FILE and key=FILE"), "{e}");
+    let e = EtcdStore::connect(&format!("etcds://127.0.0.1:{port}?password=x"), "/x")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown option"), "{e}");
+    // And the right material works.
+    EtcdStore::connect(&etcd.url(), "/x").await.unwrap();
 }
 
 contract!(

@@ -28,43 +28,83 @@ pub enum EtcdHarnessError {
     },
     #[error("cannot prepare etcd's directory or ports: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot make etcd's certificates: {0}")]
+    Certificates(#[from] rcgen::Error),
+}
+
+/// PEM files of a TLS etcd: its CA, and a client certificate and key it trusts.
+#[derive(Clone, Debug)]
+pub struct EtcdTlsFiles {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A CA etcd does not trust (for the wrong-CA test).
+    pub other_ca: PathBuf,
 }
 
 /// A throwaway single-member etcd on loopback.
 pub struct EtcdServer {
     // Field order is drop order: the process first, then its ports and directory.
     child: ProcessGuard,
-    _ports: [PortLease; 2],
+    _ports: [PortLease; 3],
     dir: tempfile::TempDir,
     pub client_port: u16,
+    /// Where `/health` answers over plain HTTP.
+    health_port: u16,
+    /// Set for a TLS etcd.
+    pub tls: Option<EtcdTlsFiles>,
 }
 
 impl EtcdServer {
     /// Starts etcd without fsync (tests: speed over durability) and waits until it answers.
     pub fn start() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// Starts etcd with fsync on every commit, as in production (benchmarks).
     pub fn start_durable() -> Result<Self, EtcdHarnessError> {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(durable: bool) -> Result<Self, EtcdHarnessError> {
+    /// Starts etcd serving clients over TLS only, and only those with a certificate of its
+    /// CA (`--client-cert-auth`), as a production etcd runs.
+    pub fn start_tls() -> Result<Self, EtcdHarnessError> {
+        Self::start_with(false, true)
+    }
+
+    fn start_with(durable: bool, tls: bool) -> Result<Self, EtcdHarnessError> {
         let binary = std::env::var("CLUSTERLINK_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = PortLease::new()?;
         let peer = PortLease::new()?;
+        let metrics = PortLease::new()?;
         let client_port = client.port();
         let dir = tempfile::Builder::new()
             .prefix("clusterlink-etcd-")
             .tempdir()?;
         let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-        let client_url = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{}", peer.port());
         let mut cmd = Command::new(&binary);
         if !durable {
             cmd.arg("--unsafe-no-fsync");
         }
+        cmd.arg(format!(
+            "--listen-metrics-urls=http://127.0.0.1:{}",
+            metrics.port()
+        ));
+        let tls_files = if tls {
+            let files = make_certificates(dir.path())?;
+            let server = dir.path().join("server.pem");
+            let server_key = dir.path().join("server-key.pem");
+            cmd.arg(format!("--cert-file={}", server.display()))
+                .arg(format!("--key-file={}", server_key.display()))
+                .arg(format!("--trusted-ca-file={}", files.ca.display()))
+                .arg("--client-cert-auth");
+            Some(files)
+        } else {
+            None
+        };
         let child = cmd
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
@@ -78,19 +118,32 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .map_err(|source| EtcdHarnessError::Spawn { binary, source })?;
+        let health_port = metrics.port();
         let mut server = EtcdServer {
             child: ProcessGuard::new(child),
-            _ports: [client, peer],
+            _ports: [client, peer, metrics],
             dir,
             client_port,
+            health_port,
+            tls: tls_files,
         };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
 
-    /// The store URL a broker takes (`--store`).
+    /// The store URL a broker takes (`--store`): `etcd://` or, for a TLS etcd,
+    /// `etcds://…?ca=…&cert=…&key=…` with the client certificate it trusts.
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        match &self.tls {
+            None => format!("etcd://127.0.0.1:{}", self.client_port),
+            Some(t) => format!(
+                "etcds://127.0.0.1:{}?ca={}&cert={}&key={}",
+                self.client_port,
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display()
+            ),
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -103,7 +156,7 @@ impl EtcdServer {
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), EtcdHarnessError> {
         let deadline = Instant::now() + timeout;
-        let endpoint = format!("127.0.0.1:{}", self.client_port);
+        let endpoint = format!("127.0.0.1:{}", self.health_port);
         loop {
             // Ready means the HTTP health endpoint says so, not just that the port is open.
             if health(&endpoint).is_ok_and(|out| out.contains("\"health\":\"true\"")) {
@@ -119,6 +172,41 @@ impl EtcdServer {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A CA, etcd's server certificate for 127.0.0.1 and a client certificate, as PEM files in
+/// `dir`; and a second CA etcd does not know.
+fn make_certificates(dir: &std::path::Path) -> Result<EtcdTlsFiles, EtcdHarnessError> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let write = |name: &str, pem: String| -> Result<PathBuf, EtcdHarnessError> {
+        let p = dir.join(name);
+        std::fs::write(&p, pem)?;
+        Ok(p)
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca = write("ca.pem", ca_cert.pem())?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate()?;
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .signed_by(&server_key, &issuer)?;
+    write("server.pem", server.pem())?;
+    write("server-key.pem", server_key.serialize_pem())?;
+    let client_key = KeyPair::generate()?;
+    let client =
+        CertificateParams::new(vec!["clusterlink".to_owned()])?.signed_by(&client_key, &issuer)?;
+    let other_key = KeyPair::generate()?;
+    let mut other_params = CertificateParams::new(Vec::<String>::new())?;
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key)?;
+    Ok(EtcdTlsFiles {
+        ca,
+        client_cert: write("client.pem", client.pem())?,
+        client_key: write("client-key.pem", client_key.serialize_pem())?,
+        other_ca: write("other-ca.pem", other.pem())?,
+    })
 }
 
 /// GET /health over a plain TCP socket (no HTTP client dependency for one request).

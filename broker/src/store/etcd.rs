@@ -26,19 +26,34 @@ impl EtcdStore {
     /// Parses `etcd://host:port[,host:port…]` (or `etcd+https://…` for TLS-less http is the
     /// default) and connects.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, StoreError> {
-        let rest = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| StoreError::Address {
-                value: url.to_owned(),
-                reason: "expected etcd://HOST:PORT[,HOST:PORT...]".into(),
-            })?;
+        let bad = |reason: String| StoreError::Address {
+            value: url.to_owned(),
+            reason,
+        };
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("etcd://") {
+            ("http", rest)
+        } else if let Some(rest) = url.strip_prefix("etcds://") {
+            ("https", rest)
+        } else {
+            return Err(bad(
+                "expected etcd://HOST:PORT[,HOST:PORT...] or etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE]".into(),
+            ));
+        };
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let tls = if scheme == "https" {
+            Some(tls_options(query).map_err(bad)?)
+        } else if !query.is_empty() {
+            return Err(bad("options (?…) are for etcds:// only".into()));
+        } else {
+            None
+        };
         let endpoints: Vec<String> = rest
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|hp| {
                 hp.rsplit_once(':')
                     .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-                    .map(|_| format!("http://{hp}"))
+                    .map(|_| format!("{scheme}://{hp}"))
                     .ok_or_else(|| StoreError::Address {
                         value: url.to_owned(),
                         reason: format!("{hp:?} is not HOST:PORT"),
@@ -52,21 +67,33 @@ impl EtcdStore {
             });
         }
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let secure = tls.is_some();
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
+        let failed = |e: etcd_client::Error| {
+            if secure {
+                StoreError::EtcdTls {
+                    endpoints: joined.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                StoreError::Etcd {
+                    endpoints: joined.clone(),
+                    source: Box::new(e),
+                }
+            }
+        };
         let mut client = Client::connect(&endpoints, Some(options))
             .await
-            .map_err(|e| StoreError::Etcd {
-                endpoints: joined.clone(),
-                source: Box::new(e),
-            })?;
-        // Connecting is lazy; make one request so an unreachable etcd fails here, clearly.
-        client.status().await.map_err(|e| StoreError::Etcd {
-            endpoints: joined.clone(),
-            source: Box::new(e),
-        })?;
+            .map_err(failed)?;
+        // Connecting is lazy; make one request so an unreachable etcd (or one whose
+        // certificate is not trusted, or that does not trust ours) fails here, clearly.
+        client.status().await.map_err(failed)?;
         let mut namespace = namespace.trim_end_matches('/').to_owned();
         namespace.push('/');
         Ok(Self {
@@ -323,4 +350,42 @@ impl Store for EtcdStore {
             .map(|_| ())
             .map_err(|e| self.lease_err(lease, e))
     }
+}
+
+/// TLS for `etcds://`: `ca=FILE` (the CA that signed etcd's certificate) and, for an etcd
+/// that checks clients (`--client-cert-auth`), `cert=FILE&key=FILE`.
+fn tls_options(query: &str) -> Result<etcd_client::TlsOptions, String> {
+    let mut ca = None;
+    let mut cert = None;
+    let mut key = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not NAME=VALUE"))?;
+        let slot = match k {
+            "ca" => &mut ca,
+            "cert" => &mut cert,
+            "key" => &mut key,
+            other => return Err(format!("unknown option {other:?} (ca, cert, key)")),
+        };
+        *slot = Some(std::path::PathBuf::from(v));
+    }
+    let read = |what: &str, p: &std::path::Path| {
+        clusterlink_broker_client::fs::read_limited(p, 1024 * 1024)
+            .map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
+    };
+    let ca = ca.ok_or("etcds:// needs ca=FILE, the CA of etcd's certificate")?;
+    let mut tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("CA", &ca)?));
+    match (cert, key) {
+        (Some(c), Some(k)) => {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read("client certificate", &c)?,
+                read("client key", &k)?,
+            ));
+        }
+        (None, None) => {}
+        _ => return Err("give both cert=FILE and key=FILE, or neither".into()),
+    }
+    Ok(tls)
 }

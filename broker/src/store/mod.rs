@@ -166,6 +166,14 @@ pub enum StoreError {
         #[source]
         source: Box<etcd_client::Error>,
     },
+    #[error(
+        "etcd at {endpoints} over TLS: {source}; check that ca= is the CA that signed etcd's certificate and that cert= and key= are a client certificate etcd trusts"
+    )]
+    EtcdTls {
+        endpoints: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
     #[error("stored data is corrupt at key {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("lease {0} not found (expired or revoked)")]
