@@ -241,6 +241,10 @@ impl Census {
         g.0.contains(key)
     }
     fn put(&self, key: &str) {
+        // Most puts update a record already counted: a read lock, no allocation.
+        if self.holds(key) {
+            return;
+        }
         let Ok(k) = key.parse::<RecordKey>() else {
             return;
         };
@@ -871,6 +875,27 @@ async fn list_registry<S: Store>(
     Ok((all, rev))
 }
 
+/// A record's key as the client sent it, for the audit (not validated: only a label).
+fn record_label(r: &proto::Record) -> String {
+    use proto::record::Kind as K;
+    match &r.kind {
+        Some(K::Service(s)) => format!("services/{}/{}/{}", s.cluster, s.namespace, s.name),
+        Some(K::Gateway(g)) => format!("gateways/{}/{}", g.cluster, g.node),
+        Some(K::Connection(c)) => format!(
+            "connections/{}/{}/{}/{}",
+            c.from_cluster, c.from_node, c.to_cluster, c.to_node
+        ),
+        Some(K::Cluster(c)) => format!(
+            "clusters/{}",
+            c.cluster
+                .as_ref()
+                .map(|c| c.id.as_str())
+                .unwrap_or_default()
+        ),
+        None => String::new(),
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
     async fn join(
@@ -998,19 +1023,19 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let identity = Self::identity(&request);
         let remote = request.remote_addr();
         let req = request.into_inner();
-        let target = req
-            .record
-            .clone()
-            .and_then(|r| Record::try_from(r).ok())
-            .map(|r| r.key().to_string())
-            .unwrap_or_default();
-        let who = audit::who(identity.as_ref().ok());
-        let r = match identity {
-            Ok(identity) => self.do_publish(identity, remote, req).await,
-            Err(e) => Err(e),
-        };
-        self.audited(who, "publish", target, r, false)
-            .map(Response::new)
+        // What the audit names if this is refused: the record's key as sent (a label only).
+        let label = req.record.as_ref().map(record_label).unwrap_or_default();
+        match identity {
+            Err(e) => self
+                .audited(audit::who(None), "publish", label, Err(e), false)
+                .map(Response::new),
+            Ok(identity) => {
+                let who = audit::who(Some(&identity));
+                let r = self.do_publish(identity, remote, req).await;
+                self.audited(who, "publish", label, r, false)
+                    .map(Response::new)
+            }
+        }
     }
 
     async fn withdraw(
