@@ -441,7 +441,10 @@ fn operator_errors_say_what_to_do() {
         dir,
         &["deploy-broker", "--data-dir", "b2", "--store", "mysql://x"],
     ));
-    assert!(store.contains("use `embedded` or `etcd://"), "{store}");
+    assert!(
+        store.contains("use `embedded`, `etcd://") && store.contains("`etcds://"),
+        "{store}"
+    );
     let etcd_down = fails(&clusterlink(
         dir,
         &[
