@@ -62,7 +62,13 @@ impl RateLimiter {
     ) -> Result<(), Duration> {
         let rate = f64::from(limits.writes_per_second);
         let burst = f64::from(limits.burst);
-        let (tokens, last) = self.buckets.entry(cluster.clone()).or_insert((burst, now));
+        // The cluster's ID is cloned once, at its first write, not on every one.
+        if !self.buckets.contains_key(cluster) {
+            self.buckets.insert(cluster.clone(), (burst, now));
+        }
+        let Some((tokens, last)) = self.buckets.get_mut(cluster) else {
+            return Ok(());
+        };
         let refill = now.saturating_sub(*last).as_secs_f64() * rate;
         *tokens = (*tokens + refill).min(burst);
         *last = now;

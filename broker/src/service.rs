@@ -789,7 +789,13 @@ impl<S: Store> BrokerService<S> {
                 .map(|a| a.ip())
                 .filter(|ip| ownership::bad_underlay(*ip).is_none());
         }
-        core::check_content(&record, &entry.cluster, &self.registry.clusters())?;
+        // Every cluster's CIDRs matter for a gateway's addresses only; a service is checked
+        // against its own cluster's (no list of all clusters per publish).
+        let all = match &record {
+            Record::Gateway(_) => self.registry.clusters(),
+            _ => Vec::new(),
+        };
+        core::check_content(&record, &entry.cluster, &all)?;
         if req.lease_id != 0 {
             self.check_lease(req.lease_id, &caller).await?;
         }
