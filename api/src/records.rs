@@ -108,6 +108,9 @@ pub struct ClusterRegistration {
     /// before it was recorded.
     #[serde(default)]
     pub public_key_sha256: String,
+    /// When the cluster's certificate expires (unix ms); 0 if not recorded.
+    #[serde(default)]
+    pub certificate_expires_at_unix_ms: i64,
 }
 
 impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
@@ -121,6 +124,7 @@ impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
             certificate_serial: p.certificate_serial,
             joined_at_unix_ms: p.joined_at_unix_ms,
             public_key_sha256: p.public_key_sha256,
+            certificate_expires_at_unix_ms: p.certificate_expires_at_unix_ms,
         })
     }
 }
@@ -132,6 +136,7 @@ impl From<ClusterRegistration> for proto::ClusterRegistration {
             certificate_serial: r.certificate_serial,
             joined_at_unix_ms: r.joined_at_unix_ms,
             public_key_sha256: r.public_key_sha256,
+            certificate_expires_at_unix_ms: r.certificate_expires_at_unix_ms,
         }
     }
 }

@@ -287,6 +287,7 @@ mod tests {
             certificate_serial: "01".into(),
             joined_at_unix_ms: 0,
             public_key_sha256: "k1".into(),
+            certificate_expires_at_unix_ms: 0,
         }
     }
 

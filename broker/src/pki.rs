@@ -23,7 +23,8 @@ pub const ADMIN_URI: &str = "spiffe://clusterlink/admin";
 const CLUSTER_URI_PREFIX: &str = "spiffe://clusterlink/cluster/";
 
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a certificate the CA issues to a cluster or the admin is valid.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Error)]
 pub enum PkiError {

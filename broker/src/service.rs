@@ -708,6 +708,7 @@ impl<S: Store> BrokerService<S> {
                 certificate_serial: serial.clone(),
                 joined_at_unix_ms,
                 public_key_sha256: key_sha256,
+                certificate_expires_at_unix_ms: unix_ms(now + crate::pki::LEAF_VALIDITY),
             });
             // A new join: the key must still be free. A retry: the registration must be the
             // one decided on. The certificate issued first (never saved) stops working.

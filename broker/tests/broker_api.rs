@@ -328,6 +328,7 @@ async fn a_cluster_cannot_write_another_clusters_records() {
             certificate_serial: "00".into(),
             joined_at_unix_ms: 0,
             public_key_sha256: String::new(),
+            certificate_expires_at_unix_ms: 0,
         })),
     };
     assert_eq!(
@@ -1315,5 +1316,39 @@ async fn the_broker_keeps_an_audit_trail_of_admin_actions_and_refusals() {
             last[0].refused
         ),
         ("cluster/east", "list-events", true)
+    );
+}
+
+#[tokio::test]
+async fn a_registration_says_when_the_clusters_certificate_expires() {
+    use x509_parser::prelude::{FromDer, X509Certificate, parse_x509_pem};
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let (_, spki) = new_client_key().unwrap();
+    let resp = b
+        .anonymous()
+        .await
+        .join(join_request(
+            &t,
+            "east",
+            "10.1.0.0/16",
+            "10.101.0.0/16",
+            spki,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, pem) = parse_x509_pem(resp.certificate_pem.as_bytes()).unwrap();
+    let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+    let not_after_ms = cert.validity().not_after.timestamp() * 1000;
+    let mut admin = b.admin().await;
+    let clusters = list(&mut admin, Kind::Clusters).await;
+    let [Record::Cluster(reg)] = &clusters[..] else {
+        panic!("{clusters:?}")
+    };
+    assert!(
+        (reg.certificate_expires_at_unix_ms - not_after_ms).abs() < 2_000,
+        "registration says {}, the certificate {not_after_ms}",
+        reg.certificate_expires_at_unix_ms
     );
 }

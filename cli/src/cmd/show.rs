@@ -103,11 +103,20 @@ pub struct ClusterView {
     pub service_cidrs: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub joined_at: String,
+    /// When the cluster's certificate expires (empty if the broker did not record it).
+    pub certificate_expires_at: String,
 }
 
 impl Tabular for ClusterView {
     fn header() -> Vec<&'static str> {
-        vec!["CLUSTER", "POD CIDRS", "SERVICE CIDRS", "LABELS", "JOINED"]
+        vec![
+            "CLUSTER",
+            "POD CIDRS",
+            "SERVICE CIDRS",
+            "LABELS",
+            "JOINED",
+            "CERT EXPIRES",
+        ]
     }
     fn row(&self) -> Vec<String> {
         vec![
@@ -120,6 +129,7 @@ impl Tabular for ClusterView {
                 .collect::<Vec<_>>()
                 .join(","),
             self.joined_at.clone(),
+            self.certificate_expires_at.clone(),
         ]
     }
 }
@@ -399,6 +409,10 @@ async fn clusters(a: ShowArgs) -> Result<()> {
                 service_cidrs: reg.cluster.service_cidrs.to_strings(),
                 labels: reg.cluster.labels,
                 joined_at: rfc3339_from_unix_ms(reg.joined_at_unix_ms),
+                certificate_expires_at: match reg.certificate_expires_at_unix_ms {
+                    0 => String::new(),
+                    ms => rfc3339_from_unix_ms(ms),
+                },
             });
         }
     }

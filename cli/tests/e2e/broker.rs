@@ -203,6 +203,12 @@ fn deploy_join_show_revoke() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
     assert_eq!(v[0]["labels"]["region"], "eu");
+    // When each cluster's certificate expires (a year after its join).
+    let expires = v[0]["certificateExpiresAt"].as_str().unwrap_or_default();
+    assert!(
+        expires.len() >= 20 && expires > v[0]["joinedAt"].as_str().unwrap(),
+        "{v}"
+    );
     let yaml = ok(&clusterlink(
         dir,
         &[
