@@ -172,6 +172,12 @@ pub fn check_address(address: &str) -> Result<(), FileError> {
     Ok(())
 }
 
+/// The IP of a HOST:PORT address when its host is one (`[v6]` too); `None` for a name.
+pub fn address_ip(address: &str) -> Option<std::net::IpAddr> {
+    let (host, _) = address.rsplit_once(':')?;
+    host.trim_matches(['[', ']']).parse().ok()
+}
+
 /// Checks that `host` is an IP address or a DNS name (labels of letters, digits and `-`, not
 /// starting or ending with `-`, at most 63 bytes each and 253 in all).
 pub fn check_host(host: &str) -> Result<(), String> {
@@ -195,27 +201,20 @@ pub fn check_host(host: &str) -> Result<(), String> {
 
 /// Reads a small text file, refusing one over [`MAX_FILE_BYTES`].
 pub fn read_bounded(path: &Path, kind: &'static str) -> Result<String, FileError> {
-    use std::io::Read;
-    let rerr = |source| FileError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(rerr)?;
-    let mut text = String::new();
-    f.take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(rerr)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(FileError::Malformed {
-            path: path.to_owned(),
-            kind,
-            reason: format!(
-                "it is larger than {} KiB; is this the right file?",
-                MAX_FILE_BYTES / 1024
-            ),
-        });
-    }
-    Ok(text)
+    crate::fs::read_limited(path, MAX_FILE_BYTES).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::FileTooLarge {
+            FileError::Malformed {
+                path: path.to_owned(),
+                kind,
+                reason: format!("it is {source}"),
+            }
+        } else {
+            FileError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
 }
 
 fn read_yaml<T: for<'de> Deserialize<'de>>(
@@ -510,6 +509,9 @@ mod tests {
         assert!(check_address("broker:7443").is_ok());
         assert!(check_address("[::1]:7443").is_ok());
         assert!(check_address("10.0.0.1:7443").is_ok());
+        assert_eq!(address_ip("10.0.0.1:7443"), "10.0.0.1".parse().ok());
+        assert_eq!(address_ip("[fd00::1]:7443"), "fd00::1".parse().ok());
+        assert_eq!(address_ip("broker:7443"), None);
         for bad in [
             "broker",
             ":7443",

@@ -43,7 +43,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
 }
 
 /// Reads a text file of at most `limit` bytes; a larger one (or an endless one: `/dev/zero`)
-/// is an `InvalidData` error that says so, after reading no more than `limit + 1` bytes.
+/// is a `FileTooLarge` error that says so, after reading no more than `limit + 1` bytes.
 pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
@@ -52,7 +52,7 @@ pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
         .read_to_string(&mut text)?;
     if text.len() as u64 > limit {
         return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
+            std::io::ErrorKind::FileTooLarge,
             format!("larger than {} KiB; is this the right file?", limit / 1024),
         ));
     }
@@ -84,7 +84,7 @@ mod tests {
     #[test]
     fn reads_are_bounded() {
         let e = read_limited(Path::new("/dev/zero"), 4096).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
         assert!(e.to_string().contains("larger than 4 KiB"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("small");

@@ -17,7 +17,7 @@ pub mod fs;
 pub use backoff::Backoff;
 pub use connect::{BROKER_SERVER_NAME, ConnectError, connect, connect_with};
 pub use files::{
-    BrokerInfo, Credentials, FileError, Identity, JoinOutput, PendingJoin, check_address,
-    check_host, rfc3339_from_unix_ms,
+    BrokerInfo, Credentials, FileError, Identity, JoinOutput, PendingJoin, address_ip,
+    check_address, check_host, rfc3339_from_unix_ms,
 };
 pub use follow::{FollowError, follow};

@@ -488,22 +488,23 @@ impl<S: Store> BrokerService<S> {
 
     /// Records `r` in the audit trail (refusals always; successes when `record_ok`, the admin
     /// actions and joins) and turns it into the call's result.
+    /// `who` and `target` are made only when something is recorded: most calls (a publish
+    /// that is taken) record nothing and cost nothing here.
     fn audited<T>(
         &self,
-        who: String,
+        who: impl FnOnce() -> String,
         action: &str,
-        target: String,
+        target: impl FnOnce() -> String,
         r: Result<T, ServiceError>,
         record_ok: bool,
     ) -> Result<T, Status> {
+        let refusal = match &r {
+            Ok(_) if !record_ok => return r.map_err(Status::from),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
         let at = unix_ms(self.clock.now());
-        match &r {
-            Ok(_) if record_ok => self.audit.record(at, who, action, target, None),
-            Ok(_) => {}
-            Err(e) => self
-                .audit
-                .record(at, who, action, target, Some(e.to_string())),
-        }
+        self.audit.record(at, who(), action, target(), refusal);
         r.map_err(Status::from)
     }
 
@@ -759,7 +760,7 @@ impl<S: Store> BrokerService<S> {
 
     async fn do_publish(
         &self,
-        identity: Identity,
+        identity: &Identity,
         remote: Option<SocketAddr>,
         req: proto::PublishRequest,
     ) -> Result<proto::PublishResponse, ServiceError> {
@@ -768,7 +769,7 @@ impl<S: Store> BrokerService<S> {
             .ok_or(ValidationError::Missing("record"))?
             .try_into()?;
         let key = record.key();
-        let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        let (caller, entry) = self.authorize_write(identity, &key).await?;
         self.take_write(&caller)?;
         let skey = key.to_string();
         // A new record past the cluster's limit (an update of one it holds is always taken;
@@ -813,21 +814,21 @@ impl<S: Store> BrokerService<S> {
         }
         match self.store.txn(txn).await? {
             TxnOutcome::Committed { revision, .. } => Ok(proto::PublishResponse { revision }),
-            TxnOutcome::Failed => Err(self.explain_failed_write(&identity, &key).await),
+            TxnOutcome::Failed => Err(self.explain_failed_write(identity, &key).await),
         }
     }
 
     async fn do_withdraw(
         &self,
-        identity: Identity,
-        req: proto::WithdrawRequest,
+        identity: &Identity,
+        req: &proto::WithdrawRequest,
     ) -> Result<proto::WithdrawResponse, ServiceError> {
         let kind = Kind::from_proto(req.kind)?;
-        let Identity::Cluster { id, .. } = &identity else {
+        let Identity::Cluster { id, .. } = identity else {
             return Err(Denied::AdminWrite.into());
         };
         let key = RecordKey::from_name(kind, id, &req.name)?;
-        let (caller, entry) = self.authorize_write(&identity, &key).await?;
+        let (caller, entry) = self.authorize_write(identity, &key).await?;
         self.take_write(&caller)?;
         let reg_rev = entry.rev;
         let txn = Txn::default()
@@ -841,7 +842,7 @@ impl<S: Store> BrokerService<S> {
                 deleted: deleted > 0,
                 revision,
             }),
-            TxnOutcome::Failed => Err(self.explain_failed_write(&identity, &key).await),
+            TxnOutcome::Failed => Err(self.explain_failed_write(identity, &key).await),
         }
     }
 
@@ -922,7 +923,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             Ok(_) => format!("cluster/{target}"),
             Err(_) => audit::who(None),
         };
-        self.audited(who, "join", target, r, true)
+        self.audited(|| who, "join", || target, r, true)
             .map(Response::new)
     }
 
@@ -933,9 +934,9 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let identity = Self::identity(&request)?;
         let read = self.authorize_read(&identity).await;
         self.audited(
-            audit::who(Some(&identity)),
+            || audit::who(Some(&identity)),
             "list",
-            String::new(),
+            String::new,
             read,
             false,
         )?;
@@ -961,9 +962,9 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let identity = Self::identity(&request)?;
         let read = self.authorize_read(&identity).await;
         self.audited(
-            audit::who(Some(&identity)),
+            || audit::who(Some(&identity)),
             "watch",
-            String::new(),
+            String::new,
             read,
             false,
         )?;
@@ -1032,17 +1033,21 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let req = request.into_inner();
         // What the audit names if this is refused: the record's key as sent (a label only).
         let label = req.record.as_ref().map(record_label).unwrap_or_default();
-        match identity {
-            Err(e) => self
-                .audited(audit::who(None), "publish", label, Err(e), false)
-                .map(Response::new),
+        let (caller, r) = match identity {
             Ok(identity) => {
-                let who = audit::who(Some(&identity));
-                let r = self.do_publish(identity, remote, req).await;
-                self.audited(who, "publish", label, r, false)
-                    .map(Response::new)
+                let r = self.do_publish(&identity, remote, req).await;
+                (Some(identity), r)
             }
-        }
+            Err(e) => (None, Err(e)),
+        };
+        self.audited(
+            || audit::who(caller.as_ref()),
+            "publish",
+            || label,
+            r,
+            false,
+        )
+        .map(Response::new)
     }
 
     async fn withdraw(
@@ -1051,14 +1056,21 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
     ) -> Result<Response<proto::WithdrawResponse>, Status> {
         let identity = Self::identity(&request);
         let req = request.into_inner();
-        let target = format!("{}/{}", req.kind, req.name);
-        let who = audit::who(identity.as_ref().ok());
-        let r = match identity {
-            Ok(identity) => self.do_withdraw(identity, req).await,
-            Err(e) => Err(e),
+        let (caller, r) = match identity {
+            Ok(identity) => {
+                let r = self.do_withdraw(&identity, &req).await;
+                (Some(identity), r)
+            }
+            Err(e) => (None, Err(e)),
         };
-        self.audited(who, "withdraw", target, r, false)
-            .map(Response::new)
+        self.audited(
+            || audit::who(caller.as_ref()),
+            "withdraw",
+            || format!("{}/{}", req.kind, req.name),
+            r,
+            false,
+        )
+        .map(Response::new)
     }
 
     async fn grant_lease(
@@ -1127,7 +1139,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             Ok(proto::RevokeClusterResponse { records_removed })
         }
         .await;
-        self.audited(who, "revoke", target, r, true)
+        self.audited(|| who, "revoke", || target, r, true)
             .map(Response::new)
     }
 
@@ -1158,7 +1170,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
             })
         }
         .await;
-        self.audited(who, "create-token", target, r, true)
+        self.audited(|| who, "create-token", || target, r, true)
             .map(Response::new)
     }
 
@@ -1169,9 +1181,9 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let identity = Self::identity(&request)?;
         let allowed = core::authorize_admin(&identity).map_err(ServiceError::from);
         self.audited(
-            audit::who(Some(&identity)),
+            || audit::who(Some(&identity)),
             "list-events",
-            String::new(),
+            String::new,
             allowed,
             false,
         )?;

@@ -94,11 +94,16 @@ impl TestBroker {
     }
 
     async fn embedded() -> (Self, EmbeddedStore) {
+        Self::embedded_with(ServeOptions::default()).await
+    }
+
+    /// A broker on a fresh embedded store, with `options` (protected addresses, limits).
+    async fn embedded_with(options: ServeOptions) -> (Self, EmbeddedStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
         let (tls, admin) = make_tls();
         (
-            Self::start(store.clone(), tls, admin, Some(dir)).await,
+            Self::start_with(store.clone(), tls, admin, Some(dir), options).await,
             store,
         )
     }
@@ -1007,20 +1012,11 @@ async fn a_cluster_publishes_only_addresses_it_owns() {
 
 #[tokio::test]
 async fn no_cluster_cidr_may_cover_the_mesh_or_a_reserved_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
-    let (tls, admin) = make_tls();
     // The broker is also reached at 198.51.100.7 (its advertised address).
-    let b = TestBroker::start_with(
-        store,
-        tls,
-        admin,
-        Some(dir),
-        ServeOptions {
-            protected: vec!["198.51.100.7".parse().unwrap()],
-            ..ServeOptions::default()
-        },
-    )
+    let (b, _) = TestBroker::embedded_with(ServeOptions {
+        protected: vec!["198.51.100.7".parse().unwrap()],
+        ..ServeOptions::default()
+    })
     .await;
     let t = b.token(false).await;
     let mut east = b
@@ -1063,24 +1059,14 @@ async fn no_cluster_cidr_may_cover_the_mesh_or_a_reserved_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_flooding_the_broker_is_held_to_its_limits_and_others_are_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap();
-    let (tls, admin) = make_tls();
-    let limits = clusterlink_broker::limits::Limits {
-        max_records: 50,
-        writes_per_second: 100,
-        burst: 100,
-    };
-    let b = TestBroker::start_with(
-        store,
-        tls,
-        admin,
-        Some(dir),
-        ServeOptions {
-            limits,
-            ..ServeOptions::default()
+    let (b, _) = TestBroker::embedded_with(ServeOptions {
+        limits: clusterlink_broker::limits::Limits {
+            max_records: 50,
+            writes_per_second: 100,
+            burst: 100,
         },
-    )
+        ..ServeOptions::default()
+    })
     .await;
     let t = b.token(false).await;
     let east = b

@@ -26,13 +26,7 @@ impl ShutdownArgs {
 }
 
 fn parse_grace(s: &str) -> Result<humantime::Duration, String> {
-    let d: humantime::Duration = s
-        .parse()
-        .map_err(|e| format!("{e} (expected a duration such as 5s or 500ms)"))?;
-    if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&d) {
-        return Err(format!("{s} is outside 100ms..=5m"));
-    }
-    Ok(d)
+    crate::duration_within(s, Duration::from_millis(100), Duration::from_secs(300))
 }
 
 /// What a daemon waits on: resolves when it is asked to stop.

@@ -550,15 +550,7 @@ mod tests {
              metadata: {name: \"x/../../../escaped\", namespace: demo}\n",
         )
         .unwrap();
-        let creds = Credentials {
-            api_version: String::new(),
-            kind: String::new(),
-            address: "127.0.0.1:1".into(),
-            ca_certificate: String::new(),
-            identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
-            certificate: String::new(),
-            private_key: String::new(),
-        };
+        let creds = crate::testing::unreachable_broker_credentials();
         let mut c = ExportController::new(Source::Dir(dir.clone()), creds, "a".parse().unwrap());
         c.reconcile(&ClusterSet::default()).await.unwrap();
         // Nothing outside the directory, nothing in status/.

@@ -382,15 +382,7 @@ mod tests {
                     "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"type": "Headless", "ports": []}})
             }
         });
-        let creds = clusterlink_broker_client::Credentials {
-            api_version: String::new(),
-            kind: String::new(),
-            address: "127.0.0.1:1".into(),
-            ca_certificate: String::new(),
-            identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
-            certificate: String::new(),
-            private_key: String::new(),
-        };
+        let creds = crate::testing::unreachable_broker_credentials();
         let mut controller = crate::controller::ExportController::new(
             crate::controller::Source::Kube(client),
             creds,

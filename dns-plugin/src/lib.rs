@@ -22,3 +22,21 @@ pub mod kube_source;
 pub mod manifests;
 pub mod mcs;
 pub mod server;
+
+/// What the unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Credentials of cluster "a" for a broker nobody listens on (127.0.0.1:1): for a
+    /// controller whose test makes no broker call.
+    pub fn unreachable_broker_credentials() -> clusterlink_broker_client::Credentials {
+        clusterlink_broker_client::Credentials {
+            api_version: String::new(),
+            kind: String::new(),
+            address: "127.0.0.1:1".into(),
+            ca_certificate: String::new(),
+            identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
+            certificate: String::new(),
+            private_key: String::new(),
+        }
+    }
+}

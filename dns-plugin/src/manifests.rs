@@ -253,28 +253,26 @@ impl ManifestDir {
     }
 
     fn read(&mut self, path: &Path, len: u64) -> Result<String, ManifestError> {
-        use std::io::Read;
-        let too_big = |size: u64| ManifestError::TooLarge {
-            path: path.to_owned(),
-            size,
-        };
         if len > MAX_MANIFEST_BYTES {
-            return Err(too_big(len));
+            return Err(ManifestError::TooLarge {
+                path: path.to_owned(),
+                size: len,
+            });
         }
-        let rerr = |source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .map_err(rerr)?
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(rerr)?;
+        let text = clusterlink_broker_client::fs::read_limited(path, MAX_MANIFEST_BYTES).map_err(
+            |source| match source.kind() {
+                // It grew past the limit since it was looked at.
+                std::io::ErrorKind::FileTooLarge => ManifestError::TooLarge {
+                    path: path.to_owned(),
+                    size: MAX_MANIFEST_BYTES + 1,
+                },
+                _ => ManifestError::Read {
+                    path: path.to_owned(),
+                    source,
+                },
+            },
+        )?;
         self.bytes_read += text.len() as u64;
-        if text.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(too_big(text.len() as u64));
-        }
         Ok(text)
     }
 

@@ -77,11 +77,10 @@ impl AgentConfig {
 /// The broker's address, when the credentials name it by IP (a name is resolved by the
 /// system; the agent does not guess its addresses).
 fn broker_ips(address: &str) -> Vec<Ipv4Addr> {
-    address
-        .rsplit_once(':')
-        .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
-        .into_iter()
-        .collect()
+    match clusterlink_broker_client::address_ip(address) {
+        Some(std::net::IpAddr::V4(ip)) => vec![ip],
+        _ => Vec::new(),
+    }
 }
 
 pub async fn run(

@@ -215,12 +215,10 @@ async fn run_broker(a: RunArgs) -> Result<()> {
     info!(%listen, store = %store_spec, "starting broker");
     let clock = Arc::new(SystemClock);
     // The advertised address, when it is an IP, is the broker's too: no cluster may cover it.
-    let advertised: Vec<std::net::IpAddr> = config
-        .advertise
-        .rsplit_once(':')
-        .and_then(|(host, _)| host.trim_matches(['[', ']']).parse().ok())
-        .into_iter()
-        .collect();
+    let advertised: Vec<std::net::IpAddr> =
+        clusterlink_broker_client::address_ip(&config.advertise)
+            .into_iter()
+            .collect();
     config
         .limits
         .check()
@@ -289,14 +287,7 @@ async fn token_create(a: TokenCreateArgs) -> Result<()> {
 
 /// A join token lifetime, within what the broker grants.
 fn parse_token_ttl(s: &str) -> Result<humantime::Duration, String> {
-    let d: humantime::Duration = s
-        .parse()
-        .map_err(|e| format!("{e} (expected a duration such as 24h or 7d)"))?;
-    if (MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&*d) {
-        Ok(d)
-    } else {
-        Err(format!("{s} is out of range: give 1m to 365d"))
-    }
+    clusterlink_cli::duration_within(s, MIN_TOKEN_TTL, MAX_TOKEN_TTL)
 }
 
 /// A DNS name or IP address for the broker's certificate.

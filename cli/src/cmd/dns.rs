@@ -134,12 +134,9 @@ fn default_ns_addresses(listen: IpAddr) -> Vec<IpAddr> {
 }
 
 fn parse_record_lease(s: &str) -> Result<humantime::Duration, String> {
-    let d: humantime::Duration = s
-        .parse()
-        .map_err(|e| format!("{e} (expected a duration such as 10s)"))?;
-    if (std::time::Duration::from_secs(3)..=std::time::Duration::from_secs(600)).contains(&*d) {
-        Ok(d)
-    } else {
-        Err(format!("{s} is outside 3s..=10m"))
-    }
+    clusterlink_cli::duration_within(
+        s,
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(600),
+    )
 }
