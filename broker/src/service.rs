@@ -374,16 +374,38 @@ impl<S: Store> BrokerService<S> {
 
     /// Counts the records of `kind` per cluster and keeps counting from the hub.
     async fn follow_census(&self, kind: Kind) -> Result<(), StoreError> {
-        let list = move |store: S| async move {
-            let (kvs, rev) = store.list(kind.prefix()).await?;
-            Ok::<_, StoreError>((kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(), rev))
-        };
-        let (keys, rev) = list(self.store.clone()).await?;
-        self.census.reset(kind, keys);
-        let (store, hub, census) = (self.store.clone(), self.hub.clone(), self.census.clone());
+        let census = self.census.clone();
+        let listed = census.clone();
+        self.mirror(
+            kind,
+            |kvs| kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(),
+            move |keys| listed.reset(kind, keys),
+            move |ev| {
+                if ev.r#type == proto::EventType::Put as i32 {
+                    census.put(&ev.key);
+                } else {
+                    census.delete(&ev.key);
+                }
+            },
+        )
+        .await
+    }
+
+    /// Mirrors the records of `kind`: a full list now (`of_list`, then `reset`), then every
+    /// change through the hub (`apply`) until the broker closes; when the hub says relist, or
+    /// the watch ends, a full list again (retried every 500 ms while the store fails).
+    async fn mirror<T: Send + 'static>(
+        &self,
+        kind: Kind,
+        of_list: impl Fn(Vec<KeyValue>) -> T + Send + 'static,
+        reset: impl Fn(T) + Send + 'static,
+        apply: impl Fn(proto::WatchEvent) + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (kvs, mut rev) = self.store.list(kind.prefix()).await?;
+        reset(of_list(kvs));
+        let (store, hub) = (self.store.clone(), self.hub.clone());
         let closing = self.closing.clone();
         tokio::spawn(closing.run_until_cancelled_owned(async move {
-            let mut rev = rev;
             loop {
                 let (tx, mut rx) = mpsc::channel(64);
                 hub.watch(kind, rev, tx);
@@ -391,23 +413,17 @@ impl<S: Store> BrokerService<S> {
                     if resp.relist_required {
                         break;
                     }
-                    for ev in resp.events {
-                        if ev.r#type == proto::EventType::Put as i32 {
-                            census.put(&ev.key);
-                        } else {
-                            census.delete(&ev.key);
-                        }
-                    }
+                    resp.events.into_iter().for_each(&apply);
                 }
                 loop {
-                    match list(store.clone()).await {
-                        Ok((keys, r)) => {
-                            census.reset(kind, keys);
+                    match store.list(kind.prefix()).await {
+                        Ok((kvs, r)) => {
+                            reset(of_list(kvs));
                             rev = r;
                             break;
                         }
                         Err(e) => {
-                            warn!(error = %e, "cannot count the records; retrying");
+                            warn!(error = %e, ?kind, "cannot list the records again; retrying");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                     }
@@ -432,49 +448,23 @@ impl<S: Store> BrokerService<S> {
 
     /// Loads the registry and keeps it current from the hub.
     async fn follow_registry(&self) -> Result<(), StoreError> {
-        let rev = self.reload_registry().await?;
-        let this = (self.store.clone(), self.hub.clone(), self.registry.clone());
-        let closing = self.closing.clone();
-        tokio::spawn(closing.run_until_cancelled_owned(async move {
-            let (store, hub, registry) = this;
-            let mut rev = rev; // where the next follow starts: the last full list
-            loop {
-                let (tx, mut rx) = mpsc::channel(64);
-                hub.watch(Kind::Clusters, rev, tx);
-                while let Some(item) = rx.recv().await {
-                    let Ok(resp) = item else { break };
-                    if resp.relist_required {
-                        break;
-                    }
-                    for ev in resp.events {
-                        let Ok(RecordKey::Cluster(id)) = ev.key.parse::<RecordKey>() else {
-                            continue;
-                        };
-                        match ev.record.map(Record::try_from) {
-                            Some(Ok(Record::Cluster(r))) => {
-                                registry.set(id, Entry::of(r, ev.revision))
-                            }
-                            _ => registry.remove(&id),
-                        }
-                    }
+        let registry = self.registry.clone();
+        let listed = registry.clone();
+        self.mirror(
+            Kind::Clusters,
+            |kvs| registry_of(&kvs),
+            move |all| listed.replace(all),
+            move |ev| {
+                let Ok(RecordKey::Cluster(id)) = ev.key.parse::<RecordKey>() else {
+                    return;
+                };
+                match ev.record.map(Record::try_from) {
+                    Some(Ok(Record::Cluster(r))) => registry.set(id, Entry::of(r, ev.revision)),
+                    _ => registry.remove(&id),
                 }
-                // Relist, then follow again.
-                loop {
-                    match list_registry(&store).await {
-                        Ok((all, r)) => {
-                            registry.replace(all);
-                            rev = r;
-                            break;
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot reload cluster registry; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                    }
-                }
-            }
-        }));
-        Ok(())
+            },
+        )
+        .await
     }
 
     /// Addresses of the broker (besides the one each join arrives on) that no cluster CIDR may
@@ -516,12 +506,6 @@ impl<S: Store> BrokerService<S> {
     /// A handle that ends the service's streams and followers when cancelled or dropped.
     pub fn closing(&self) -> CancellationToken {
         self.closing.clone()
-    }
-
-    async fn reload_registry(&self) -> Result<Revision, StoreError> {
-        let (all, rev) = list_registry(&self.store).await?;
-        self.registry.replace(all);
-        Ok(rev)
     }
 
     fn identity<T>(req: &Request<T>) -> Result<Identity, ServiceError> {
@@ -870,17 +854,13 @@ impl<S: Store> BrokerService<S> {
     }
 }
 
-async fn list_registry<S: Store>(
-    store: &S,
-) -> Result<(BTreeMap<ClusterId, Entry>, Revision), StoreError> {
-    let (kvs, rev) = store.list(Kind::Clusters.prefix()).await?;
-    let all = kvs
-        .iter()
+/// The registry a full list of the cluster registrations makes.
+fn registry_of(kvs: &[KeyValue]) -> BTreeMap<ClusterId, Entry> {
+    kvs.iter()
         .filter_map(|kv| {
             decode_registration(kv).map(|r| (r.cluster.id.clone(), Entry::of(r, kv.mod_revision)))
         })
-        .collect();
-    Ok((all, rev))
+        .collect()
 }
 
 /// A record's key as the client sent it, for the audit (not validated: only a label).
