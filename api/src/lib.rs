@@ -19,7 +19,8 @@ pub use keys::{Kind, RecordKey};
 pub use net::CidrSet;
 pub use records::{
     Cluster, ClusterRegistration, ConnectionKey, ConnectionState, ConnectionStatus, Endpoint,
-    GatewayEndpoint, GatewayRole, Record, ServicePort, ServiceRecord, ServiceType, active_gateway,
+    GatewayEndpoint, GatewayRole, Record, RetiringSerial, ServicePort, ServiceRecord, ServiceType,
+    active_gateway,
 };
 
 /// Generated protobuf code for `clusterlink.broker.v1`, with the gRPC client and server

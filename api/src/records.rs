@@ -111,6 +111,21 @@ pub struct ClusterRegistration {
     /// When the cluster's certificate expires (unix ms); 0 if not recorded.
     #[serde(default)]
     pub certificate_expires_at_unix_ms: i64,
+    /// Certificates renewed away from, each working until its time (the renewal's grace).
+    #[serde(default)]
+    pub retiring: Vec<RetiringSerial>,
+    /// SHA-256 (hex) of the certificate of the CA that issued the current certificate; empty
+    /// if not recorded.
+    #[serde(default)]
+    pub certificate_ca_sha256: String,
+}
+
+/// An earlier certificate of a cluster, still accepted until `valid_until_unix_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringSerial {
+    pub serial: String,
+    pub valid_until_unix_ms: i64,
 }
 
 impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
@@ -125,6 +140,15 @@ impl TryFrom<proto::ClusterRegistration> for ClusterRegistration {
             joined_at_unix_ms: p.joined_at_unix_ms,
             public_key_sha256: p.public_key_sha256,
             certificate_expires_at_unix_ms: p.certificate_expires_at_unix_ms,
+            retiring: p
+                .retiring
+                .into_iter()
+                .map(|r| RetiringSerial {
+                    serial: r.serial,
+                    valid_until_unix_ms: r.valid_until_unix_ms,
+                })
+                .collect(),
+            certificate_ca_sha256: p.certificate_ca_sha256,
         })
     }
 }
@@ -137,6 +161,15 @@ impl From<ClusterRegistration> for proto::ClusterRegistration {
             joined_at_unix_ms: r.joined_at_unix_ms,
             public_key_sha256: r.public_key_sha256,
             certificate_expires_at_unix_ms: r.certificate_expires_at_unix_ms,
+            retiring: r
+                .retiring
+                .into_iter()
+                .map(|r| proto::RetiringSerial {
+                    serial: r.serial,
+                    valid_until_unix_ms: r.valid_until_unix_ms,
+                })
+                .collect(),
+            certificate_ca_sha256: r.certificate_ca_sha256,
         }
     }
 }

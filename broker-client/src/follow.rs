@@ -14,7 +14,7 @@ use tracing::debug;
 
 use crate::backoff::Backoff;
 use crate::connect::{ConnectError, connect_with};
-use crate::files::Credentials;
+use crate::renew::LiveCredentials;
 
 /// Why one list + watch ended (it is then started again).
 #[derive(Debug, Error)]
@@ -51,7 +51,7 @@ fn apply(set: &mut ClusterSet, kind: Kind, update: Update) {
 
 /// Follows `kinds` on the broker until the receiver is dropped. The value is `None` until
 /// every kind's list has arrived once; then every change is sent (one per batch of events).
-pub fn follow(creds: Credentials, kinds: &[Kind]) -> watch::Receiver<Option<ClusterSet>> {
+pub fn follow(creds: LiveCredentials, kinds: &[Kind]) -> watch::Receiver<Option<ClusterSet>> {
     let (out, rx) = watch::channel(None);
     let kinds: BTreeSet<Kind> = kinds.iter().copied().collect();
     tokio::spawn(async move {
@@ -89,10 +89,10 @@ pub fn follow(creds: Credentials, kinds: &[Kind]) -> watch::Receiver<Option<Clus
 }
 
 /// Lists then watches `kind`, forever: relists when told to, reconnects after failures.
-async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)>) {
+async fn reflect(mut creds: LiveCredentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)>) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match list_and_watch(&creds, kind, &tx, &mut backoff).await {
+        match list_and_watch(&mut creds, kind, &tx, &mut backoff).await {
             Ok(()) => debug!(?kind, "the broker asked for a relist"),
             Err(FollowError::Closed) => return,
             Err(_) if tx.is_closed() => return,
@@ -104,16 +104,17 @@ async fn reflect(creds: Credentials, kind: Kind, tx: mpsc::Sender<(Kind, Update)
     }
 }
 
-/// One list, then the watch from its revision: `Ok` when the broker asks for a relist.
+/// One list, then the watch from its revision: `Ok` when the broker asks for a relist, or the
+/// credentials changed (a renewed certificate: the next list and watch use it).
 async fn list_and_watch(
-    creds: &Credentials,
+    creds: &mut LiveCredentials,
     kind: Kind,
     tx: &mpsc::Sender<(Kind, Update)>,
     backoff: &mut Backoff,
 ) -> Result<(), FollowError> {
     let refused = |call| move |status| FollowError::Refused { call, kind, status };
     debug!(?kind, "connecting to the broker");
-    let mut client = connect_with(creds).await?;
+    let mut client = connect_with(&creds.current()).await?;
     let list = client
         .list(proto::ListRequest {
             kind: kind.to_proto() as i32,
@@ -139,7 +140,15 @@ async fn list_and_watch(
         .into_inner();
     backoff.reset();
     debug!(?kind, revision = list.revision, "listed; watching");
-    while let Some(msg) = stream.message().await.map_err(refused("watch"))? {
+    loop {
+        let msg = tokio::select! {
+            msg = stream.message() => msg.map_err(refused("watch"))?,
+            _ = creds.changed() => {
+                debug!(?kind, "credentials changed; reconnecting with them");
+                return Ok(());
+            }
+        };
+        let Some(msg) = msg else { break };
         if msg.relist_required {
             return Ok(());
         }

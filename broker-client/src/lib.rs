@@ -7,12 +7,14 @@
 //!   [`clusterlink_api::ClusterSet`].
 //! - [`backoff`]: the one reconnect-with-backoff schedule.
 //! - [`fs`]: the one atomic file write.
+//! - [`renew`]: credentials that follow their file and renew their certificate.
 
 pub mod backoff;
 pub mod connect;
 pub mod files;
 pub mod follow;
 pub mod fs;
+pub mod renew;
 
 pub use backoff::Backoff;
 pub use connect::{BROKER_SERVER_NAME, ConnectError, connect, connect_with};
@@ -21,3 +23,4 @@ pub use files::{
     check_address, check_host, rfc3339_from_unix_ms,
 };
 pub use follow::{FollowError, follow};
+pub use renew::{KeepOptions, LiveCredentials, keep};

@@ -4,7 +4,9 @@
 use std::net::IpAddr;
 
 use clusterlink_api::ownership::{self, Covered, Infrastructure};
-use clusterlink_api::{Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey};
+use clusterlink_api::{
+    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, RetiringSerial,
+};
 use thiserror::Error;
 
 use crate::pki::Identity;
@@ -211,7 +213,7 @@ pub enum Denied {
     #[error("cluster {caller} may not write records of cluster {owner}")]
     WrongOwner { caller: ClusterId, owner: ClusterId },
     #[error(
-        "the certificate of cluster {cluster} is not (or no longer) valid: the cluster was revoked or re-joined; join again with a fresh token"
+        "the certificate of cluster {cluster} is not (or no longer) valid: the cluster was revoked or re-joined, or the certificate was renewed and its grace has ended; use the credentials file's current certificate, or join again with a fresh token"
     )]
     Revoked { cluster: ClusterId },
     #[error("cluster registrations are written by join only")]
@@ -222,13 +224,48 @@ pub enum Denied {
     AdminOnly,
 }
 
-/// May `identity` (whose cluster's registered certificate serial is `registered_serial`)
-/// read the broker's records?
-pub fn authorize_read(identity: &Identity, registered_serial: Option<&str>) -> Result<(), Denied> {
+/// Which certificates speak for a cluster: the current one, and earlier ones renewed away
+/// from, each until the end of its grace.
+#[derive(Clone, Copy, Debug)]
+pub struct Certificates<'a> {
+    pub current: &'a str,
+    pub retiring: &'a [RetiringSerial],
+}
+
+impl<'a> Certificates<'a> {
+    pub fn of(reg: &'a ClusterRegistration) -> Self {
+        Certificates {
+            current: &reg.certificate_serial,
+            retiring: &reg.retiring,
+        }
+    }
+
+    /// Does the certificate with `serial` speak for the cluster at `now_ms`?
+    pub fn accepts(&self, serial: &str, now_ms: i64) -> bool {
+        self.current == serial || self.grace_of(serial).is_some_and(|until| now_ms < until)
+    }
+
+    /// When a renewed-away certificate stops working; `None` for the current one or an
+    /// unknown one.
+    pub fn grace_of(&self, serial: &str) -> Option<i64> {
+        self.retiring
+            .iter()
+            .find(|r| r.serial == serial)
+            .map(|r| r.valid_until_unix_ms)
+    }
+}
+
+/// May `identity` (whose cluster's registered certificates are `registered`, `None` if it has
+/// no registration) read the broker's records at `now_ms`?
+pub fn authorize_read(
+    identity: &Identity,
+    registered: Option<Certificates<'_>>,
+    now_ms: i64,
+) -> Result<(), Denied> {
     match identity {
         Identity::Admin => Ok(()),
         Identity::Cluster { id, serial } => {
-            if registered_serial == Some(serial.as_str()) {
+            if registered.is_some_and(|c| c.accepts(serial, now_ms)) {
                 Ok(())
             } else {
                 Err(Denied::Revoked {
@@ -242,13 +279,14 @@ pub fn authorize_read(identity: &Identity, registered_serial: Option<&str>) -> R
 /// May `identity` write (publish or withdraw) the record at `key`? Returns the writing cluster.
 pub fn authorize_write(
     identity: &Identity,
-    registered_serial: Option<&str>,
+    registered: Option<Certificates<'_>>,
+    now_ms: i64,
     key: &RecordKey,
 ) -> Result<ClusterId, Denied> {
     let Identity::Cluster { id, .. } = identity else {
         return Err(Denied::AdminWrite);
     };
-    authorize_read(identity, registered_serial)?;
+    authorize_read(identity, registered, now_ms)?;
     if key.kind() == Kind::Clusters {
         return Err(Denied::ClusterRecord);
     }
@@ -259,6 +297,59 @@ pub fn authorize_write(
         });
     }
     Ok(id.clone())
+}
+
+/// The most renewed-away certificates a cluster keeps working at once (components that share
+/// one credentials file may renew at the same moment; each keeps its grace).
+pub const MAX_RETIRING: usize = 4;
+
+/// A certificate the CA just issued on a renewal.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub serial: String,
+    pub expires_at_unix_ms: i64,
+    pub ca_sha256: String,
+    pub public_key_sha256: String,
+}
+
+/// The registration after a renewal by the certificate `caller` at `now_ms`: the issued
+/// certificate becomes current; the one that was current keeps working until the end of the
+/// grace (whoever else holds it picks the new one up meanwhile); renewed-away ones whose
+/// grace ended are dropped, and at most [`MAX_RETIRING`] kept (those that last longest).
+/// Refused when `caller` does not speak for the cluster.
+pub fn renew(
+    reg: &ClusterRegistration,
+    caller: &str,
+    now_ms: i64,
+    grace_ms: i64,
+    issued: Issued,
+) -> Result<ClusterRegistration, Denied> {
+    if !Certificates::of(reg).accepts(caller, now_ms) {
+        return Err(Denied::Revoked {
+            cluster: reg.cluster.id.clone(),
+        });
+    }
+    let mut retiring: Vec<RetiringSerial> = reg
+        .retiring
+        .iter()
+        .filter(|r| now_ms < r.valid_until_unix_ms && r.serial != reg.certificate_serial)
+        .cloned()
+        .chain(std::iter::once(RetiringSerial {
+            serial: reg.certificate_serial.clone(),
+            valid_until_unix_ms: now_ms.saturating_add(grace_ms),
+        }))
+        .collect();
+    retiring.sort_by_key(|r| std::cmp::Reverse(r.valid_until_unix_ms));
+    retiring.truncate(MAX_RETIRING);
+    Ok(ClusterRegistration {
+        cluster: reg.cluster.clone(),
+        certificate_serial: issued.serial,
+        joined_at_unix_ms: reg.joined_at_unix_ms,
+        public_key_sha256: issued.public_key_sha256,
+        certificate_expires_at_unix_ms: issued.expires_at_unix_ms,
+        retiring,
+        certificate_ca_sha256: issued.ca_sha256,
+    })
 }
 
 pub fn authorize_admin(identity: &Identity) -> Result<(), Denied> {
@@ -288,6 +379,8 @@ mod tests {
             joined_at_unix_ms: 0,
             public_key_sha256: "k1".into(),
             certificate_expires_at_unix_ms: 0,
+            retiring: Vec::new(),
+            certificate_ca_sha256: String::new(),
         }
     }
 
@@ -402,9 +495,18 @@ mod tests {
         };
         let own: RecordKey = "services/east/demo/echo".parse().unwrap();
         let other: RecordKey = "services/west/demo/echo".parse().unwrap();
-        assert_eq!(authorize_write(&me, Some("aa"), &own), Ok(east.clone()));
+        let current = |serial| {
+            Some(Certificates {
+                current: serial,
+                retiring: &[],
+            })
+        };
         assert_eq!(
-            authorize_write(&me, Some("aa"), &other),
+            authorize_write(&me, current("aa"), 0, &own),
+            Ok(east.clone())
+        );
+        assert_eq!(
+            authorize_write(&me, current("aa"), 0, &other),
             Err(Denied::WrongOwner {
                 caller: east.clone(),
                 owner: "west".parse().unwrap()
@@ -412,26 +514,95 @@ mod tests {
         );
         // Revoked (no registration) or re-joined (another serial): the old certificate is void.
         assert_eq!(
-            authorize_write(&me, None, &own),
+            authorize_write(&me, None, 0, &own),
             Err(Denied::Revoked {
                 cluster: east.clone()
             })
         );
         assert_eq!(
-            authorize_write(&me, Some("bb"), &own),
+            authorize_write(&me, current("bb"), 0, &own),
             Err(Denied::Revoked {
                 cluster: east.clone()
             })
         );
         assert_eq!(
-            authorize_write(&me, Some("aa"), &"clusters/east".parse().unwrap()),
+            authorize_write(&me, current("aa"), 0, &"clusters/east".parse().unwrap()),
             Err(Denied::ClusterRecord)
         );
         assert_eq!(
-            authorize_write(&Identity::Admin, None, &own),
+            authorize_write(&Identity::Admin, None, 0, &own),
             Err(Denied::AdminWrite)
         );
         assert_eq!(authorize_admin(&me), Err(Denied::AdminOnly));
         assert_eq!(authorize_admin(&Identity::Admin), Ok(()));
+    }
+
+    fn issued(serial: &str) -> Issued {
+        Issued {
+            serial: serial.into(),
+            expires_at_unix_ms: 9_000,
+            ca_sha256: "ca2".into(),
+            public_key_sha256: format!("key-{serial}"),
+        }
+    }
+
+    #[test]
+    fn a_renewed_certificate_works_until_its_grace_ends_then_never_again() {
+        let east = reg(cluster("east", "10.1.0.0/16", "10.2.0.0/16"));
+        let grace = 1_000;
+        let renewed = renew(&east, "01", 100, grace, issued("02")).unwrap();
+        assert_eq!(renewed.certificate_serial, "02");
+        assert_eq!(renewed.certificate_expires_at_unix_ms, 9_000);
+        assert_eq!(renewed.certificate_ca_sha256, "ca2");
+        assert_eq!(renewed.public_key_sha256, "key-02");
+        assert_eq!(renewed.cluster, east.cluster);
+        let certs = Certificates::of(&renewed);
+        assert!(certs.accepts("02", 100));
+        assert!(certs.accepts("02", 1_000_000));
+        assert!(
+            certs.accepts("01", 1_099),
+            "the old certificate works during the grace"
+        );
+        assert!(!certs.accepts("01", 1_100), "and not a millisecond after");
+        assert!(!certs.accepts("03", 100));
+        assert_eq!(certs.grace_of("01"), Some(1_100));
+        assert_eq!(certs.grace_of("02"), None);
+        let me = Identity::Cluster {
+            id: "east".parse().unwrap(),
+            serial: "01".into(),
+        };
+        assert_eq!(authorize_read(&me, Some(certs), 1_099), Ok(()));
+        assert!(authorize_read(&me, Some(certs), 1_100).is_err());
+        // After its grace the old certificate cannot renew either.
+        assert_eq!(
+            renew(&renewed, "01", 1_100, grace, issued("03")),
+            Err(Denied::Revoked {
+                cluster: "east".parse().unwrap()
+            })
+        );
+    }
+
+    #[test]
+    fn renewals_racing_from_one_credentials_file_all_keep_working() {
+        let east = reg(cluster("east", "10.1.0.0/16", "10.2.0.0/16"));
+        let grace = 1_000;
+        // Two components holding 01 renew at once: the second renews with 01, in its grace.
+        let a = renew(&east, "01", 100, grace, issued("02")).unwrap();
+        let b = renew(&a, "01", 110, grace, issued("03")).unwrap();
+        let certs = Certificates::of(&b);
+        assert_eq!(b.certificate_serial, "03");
+        // 02 (current until a moment ago) gets a grace of its own; 01 keeps its first one.
+        assert_eq!(certs.grace_of("02"), Some(1_110));
+        assert_eq!(certs.grace_of("01"), Some(1_100));
+        // Renewed-away certificates whose grace ended are dropped, and at most MAX_RETIRING
+        // kept, those that last longest.
+        let mut r = b;
+        for (i, now) in (2_000..).step_by(10).take(MAX_RETIRING + 2).enumerate() {
+            let current = r.certificate_serial.clone();
+            r = renew(&r, &current, now, grace, issued(&format!("1{i}"))).unwrap();
+        }
+        assert_eq!(r.retiring.len(), MAX_RETIRING);
+        assert!(r.retiring.iter().all(|x| x.valid_until_unix_ms > 3_000));
+        assert!(Certificates::of(&r).grace_of("01").is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! DATA_DIR/broker.yaml          listen and advertised address, store
 //! DATA_DIR/pki/ca.crt, ca.key   the CA (key mode 0600)
 //! DATA_DIR/pki/server.crt, .key the broker's server certificate
+//! DATA_DIR/pki/retiring-ca.crt  during a CA rotation: the CA being retired (still trusted)
 //! DATA_DIR/admin.yaml           the operator's credentials (mode 0600)
 //! DATA_DIR/broker-info.yaml     what clusters join with (holds a token; mode 0600)
 //! DATA_DIR/store.redb           the embedded store, when it is used
@@ -52,6 +53,14 @@ pub enum DeployError {
     Pki(#[from] PkiError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "a CA rotation is already under way in {0} (pki/retiring-ca.crt exists); finish it first: clusterlink broker rotate-ca finish --data-dir {0}"
+    )]
+    RotationUnderWay(PathBuf),
+    #[error(
+        "no CA rotation is under way in {0}; start one with clusterlink broker rotate-ca start --data-dir {0}"
+    )]
+    NoRotation(PathBuf),
 }
 
 /// Which store a broker uses.
@@ -124,6 +133,67 @@ pub struct BrokerConfig {
     /// Per-cluster limits (each field optional; defaults otherwise).
     #[serde(default)]
     pub limits: crate::limits::Limits,
+    /// How cluster certificates are issued (each field optional; defaults otherwise).
+    #[serde(default)]
+    pub certificates: CertificatesConfig,
+}
+
+/// broker.yaml's `certificates:`, durations as `365d`, `1h`, ...
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CertificatesConfig {
+    /// How long a certificate issued to a cluster is valid (1h to 5y; default 365d).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validity: Option<String>,
+    /// How long a cluster's certificate keeps working after it was renewed (1m to 7d, and
+    /// under half the validity; default 1h).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renewal_grace: Option<String>,
+}
+
+impl CertificatesConfig {
+    /// The policy, checked; an error says which field is wrong and what is allowed.
+    pub fn policy(&self) -> Result<crate::service::CertificatePolicy, String> {
+        use std::time::Duration;
+        let mut p = crate::service::CertificatePolicy::default();
+        let parse = |field: &str, v: &str, min: Duration, max: Duration| {
+            let d = humantime::parse_duration(v)
+                .map_err(|e| format!("certificates.{field} {v:?}: {e}"))?;
+            if d < min || d > max {
+                return Err(format!(
+                    "certificates.{field} {v:?} is out of range: give {} to {}",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ));
+            }
+            Ok(d)
+        };
+        const DAY: u64 = 24 * 3600;
+        if let Some(v) = &self.validity {
+            p.validity = parse(
+                "validity",
+                v,
+                Duration::from_secs(3600),
+                Duration::from_secs(5 * 365 * DAY),
+            )?;
+        }
+        if let Some(v) = &self.renewal_grace {
+            p.renewal_grace = parse(
+                "renewalGrace",
+                v,
+                Duration::from_secs(60),
+                Duration::from_secs(7 * DAY),
+            )?;
+        }
+        if p.renewal_grace * 2 > p.validity {
+            return Err(format!(
+                "certificates.renewalGrace ({}) must be under half of certificates.validity ({})",
+                humantime::format_duration(p.renewal_grace),
+                humantime::format_duration(p.validity)
+            ));
+        }
+        Ok(p)
+    }
 }
 
 pub struct DataDir {
@@ -173,7 +243,14 @@ impl DataDir {
         write_yaml(&self.config_path(), config, 0o644)?;
         // Last: its presence marks the directory as deployed.
         write(self.pki("ca.crt"), &ca.cert_pem, 0o644)?;
-        Ok((BrokerTls { ca, server }, admin))
+        Ok((
+            BrokerTls {
+                ca,
+                server,
+                retiring_ca: None,
+            },
+            admin,
+        ))
     }
 
     pub fn load_config(&self) -> Result<BrokerConfig, DeployError> {
@@ -197,6 +274,8 @@ impl DataDir {
         }
         c.store
             .parse::<StoreSpec>()
+            .and_then(|_| c.limits.check())
+            .and_then(|_| c.certificates.policy().map(drop))
             .map_err(|reason| DeployError::Config {
                 path: self.config_path(),
                 reason,
@@ -218,7 +297,79 @@ impl DataDir {
                 cert_pem: read("server.crt")?,
                 key_pem: read("server.key")?,
             },
+            retiring_ca: match self.pki("retiring-ca.crt") {
+                p if p.exists() => Some(read("retiring-ca.crt")?),
+                _ => None,
+            },
         })
+    }
+
+    /// Is a CA rotation under way?
+    pub fn rotating(&self) -> bool {
+        self.pki("retiring-ca.crt").exists()
+    }
+
+    /// Starts a CA rotation: a new CA signs from now on, and the old one stays trusted (its
+    /// certificate in `pki/retiring-ca.crt`) until [`DataDir::finish_rotation`]. The server
+    /// keeps its certificate (from the old CA: clients that have not renewed yet trust only
+    /// that one). Returns the new admin credentials (from the new CA, trusting both).
+    ///
+    /// Crash-safe: the new CA is written aside first; the one step that commits is the rename
+    /// of its certificate over `ca.crt`, and a start that was cut short is completed by the
+    /// next one.
+    pub fn start_rotation(&self, now: SystemTime) -> Result<(BrokerTls, CertAndKey), DeployError> {
+        let write = |path: PathBuf, text: &str, mode| {
+            write_atomic(&path, text.as_bytes(), mode)
+                .map_err(|source| FileError::Write { path, source })
+        };
+        let rename = |from: PathBuf, to: PathBuf| {
+            std::fs::rename(&from, &to).map_err(|source| FileError::Write { path: to, source })
+        };
+        let staged = self.pki("next-ca.crt").exists() && self.pki("next-ca.key").exists();
+        if !staged {
+            if self.rotating() {
+                return Err(DeployError::RotationUnderWay(self.root.clone()));
+            }
+            let old = self.load_tls()?;
+            let next = new_ca(now)?;
+            write(self.pki("next-ca.key"), &next.key_pem, 0o600)?;
+            write(self.pki("next-ca.crt"), &next.cert_pem, 0o644)?;
+            write(self.pki("retiring-ca.crt"), &old.ca.cert_pem, 0o644)?;
+        }
+        // The key first: until the certificate follows, ca.crt names the old CA and loading
+        // fails loudly (key and certificate differ) rather than signing with the wrong key.
+        rename(self.pki("next-ca.key"), self.pki("ca.key"))?;
+        rename(self.pki("next-ca.crt"), self.pki("ca.crt"))?;
+        let tls = self.load_tls()?;
+        let admin = Ca::load(&tls.ca)?.admin_cert(now)?;
+        Ok((tls, admin))
+    }
+
+    /// Ends a CA rotation: the server gets a certificate from the new CA (for the same names)
+    /// and the retiring CA is no longer trusted. Returns the new admin credentials.
+    pub fn finish_rotation(&self, now: SystemTime) -> Result<(BrokerTls, CertAndKey), DeployError> {
+        if !self.rotating() {
+            return Err(DeployError::NoRotation(self.root.clone()));
+        }
+        let tls = self.load_tls()?;
+        let ca = Ca::load(&tls.ca)?;
+        let server = ca.reissue_server_cert(now, &tls.server.cert_pem)?;
+        let write = |path: PathBuf, text: &str, mode| {
+            write_atomic(&path, text.as_bytes(), mode)
+                .map_err(|source| FileError::Write { path, source })
+        };
+        write(self.pki("next-server.key"), &server.key_pem, 0o600)?;
+        write(self.pki("next-server.crt"), &server.cert_pem, 0o644)?;
+        for name in ["server.key", "server.crt"] {
+            let to = self.pki(name);
+            std::fs::rename(self.pki(&format!("next-{name}")), &to)
+                .map_err(|source| FileError::Write { path: to, source })?;
+        }
+        let path = self.pki("retiring-ca.crt");
+        std::fs::remove_file(&path).map_err(|source| FileError::Write { path, source })?;
+        let tls = self.load_tls()?;
+        let admin = ca.admin_cert(now)?;
+        Ok((tls, admin))
     }
 }
 
@@ -231,6 +382,7 @@ impl BrokerConfig {
             advertise,
             store: store.to_string(),
             limits: crate::limits::Limits::default(),
+            certificates: CertificatesConfig::default(),
         }
     }
 }

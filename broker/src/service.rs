@@ -8,14 +8,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use clusterlink_api::{
-    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, ValidationError, ownership,
-    proto, unix_ms,
+    Cluster, ClusterId, ClusterRegistration, Kind, Record, RecordKey, RetiringSerial,
+    ValidationError, ownership, proto, unix_ms,
 };
 use prost::Message;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -25,7 +25,7 @@ use crate::audit;
 use crate::core::{self, Denied, JoinDecision, JoinRefusal, StoredToken};
 use crate::hub::Hub;
 use crate::limits::{Limits, RateLimiter};
-use crate::pki::{Ca, Identity, PkiError, identity_of};
+use crate::pki::{Identity, PkiError, Trust, peer_of};
 use crate::store::{Compare, KeyValue, Revision, Store, StoreError, Txn, TxnOutcome};
 use clusterlink_api::ownership::Infrastructure;
 
@@ -166,6 +166,7 @@ impl From<ServiceError> for Status {
 #[derive(Clone, Debug)]
 struct Entry {
     serial: String,
+    retiring: Arc<[RetiringSerial]>,
     rev: Revision,
     cluster: Arc<Cluster>,
 }
@@ -174,8 +175,16 @@ impl Entry {
     fn of(r: ClusterRegistration, rev: Revision) -> Self {
         Entry {
             serial: r.certificate_serial,
+            retiring: r.retiring.into(),
             rev,
             cluster: Arc::new(r.cluster),
+        }
+    }
+
+    fn certificates(&self) -> core::Certificates<'_> {
+        core::Certificates {
+            current: &self.serial,
+            retiring: &self.retiring,
         }
     }
 }
@@ -282,9 +291,30 @@ impl Census {
     }
 }
 
+/// How the broker issues certificates (broker.yaml's `certificates`).
+#[derive(Clone, Copy, Debug)]
+pub struct CertificatePolicy {
+    /// How long a certificate issued to a cluster is valid.
+    pub validity: Duration,
+    /// How long a cluster's certificate keeps working after it renewed away from it: long
+    /// enough for every component sharing its credentials to pick the new one up.
+    pub renewal_grace: Duration,
+}
+
+impl Default for CertificatePolicy {
+    fn default() -> Self {
+        CertificatePolicy {
+            validity: crate::pki::LEAF_VALIDITY,
+            renewal_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
 pub struct BrokerService<S: Store> {
     store: S,
-    ca: Arc<Ca>,
+    /// What the broker trusts and signs with; replaced when the CA rotates.
+    trust: watch::Receiver<Arc<Trust>>,
+    certificates: CertificatePolicy,
     hub: Hub<S>,
     registry: Registry,
     clock: Arc<dyn Clock>,
@@ -342,12 +372,17 @@ pub async fn create_token<S: Store>(
 }
 
 impl<S: Store> BrokerService<S> {
-    pub async fn new(store: S, ca: Ca, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    pub async fn new(
+        store: S,
+        trust: watch::Receiver<Arc<Trust>>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
         let closing = CancellationToken::new();
         let hub = Hub::start(store.clone(), 100_000, closing.clone()).await?;
         let svc = Self {
             store,
-            ca: Arc::new(ca),
+            trust,
+            certificates: CertificatePolicy::default(),
             hub,
             registry: Registry::default(),
             clock,
@@ -364,6 +399,12 @@ impl<S: Store> BrokerService<S> {
             svc.follow_census(kind).await?;
         }
         Ok(svc)
+    }
+
+    /// How certificates are issued (broker.yaml's `certificates`).
+    pub fn with_certificates(mut self, policy: CertificatePolicy) -> Self {
+        self.certificates = policy;
+        self
     }
 
     /// The per-cluster limits (broker.yaml's `limits`).
@@ -508,10 +549,24 @@ impl<S: Store> BrokerService<S> {
         self.closing.clone()
     }
 
-    fn identity<T>(req: &Request<T>) -> Result<Identity, ServiceError> {
+    /// The caller, from the certificate TLS verified; refused if its CA was retired since.
+    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, ServiceError> {
+        Ok(self.peer(req)?.identity)
+    }
+
+    fn peer<T>(&self, req: &Request<T>) -> Result<crate::pki::Peer, ServiceError> {
         let certs = req.peer_certs().ok_or(ServiceError::NoCertificate)?;
         let leaf = certs.first().ok_or(ServiceError::NoCertificate)?;
-        identity_of(leaf.as_ref()).map_err(ServiceError::BadCertificate)
+        let peer = peer_of(leaf.as_ref()).map_err(ServiceError::BadCertificate)?;
+        self.trust
+            .borrow()
+            .check_issuer(&peer.issuer)
+            .map_err(ServiceError::BadCertificate)?;
+        Ok(peer)
+    }
+
+    fn now_ms(&self) -> i64 {
+        unix_ms(self.clock.now())
     }
 
     /// The registered serial and registration revision of a cluster: from the cache, or the
@@ -521,7 +576,7 @@ impl<S: Store> BrokerService<S> {
             return Ok(None);
         };
         if let Some(hit) = self.registry.get(id)
-            && &hit.serial == serial
+            && hit.certificates().accepts(serial, self.now_ms())
         {
             return Ok(Some(hit));
         }
@@ -560,7 +615,11 @@ impl<S: Store> BrokerService<S> {
 
     async fn authorize_read(&self, identity: &Identity) -> Result<(), ServiceError> {
         let reg = self.registration(identity).await?;
-        core::authorize_read(identity, reg.as_ref().map(|r| r.serial.as_str()))?;
+        core::authorize_read(
+            identity,
+            reg.as_ref().map(Entry::certificates),
+            self.now_ms(),
+        )?;
         Ok(())
     }
 
@@ -571,7 +630,12 @@ impl<S: Store> BrokerService<S> {
         key: &RecordKey,
     ) -> Result<(ClusterId, Entry), ServiceError> {
         let reg = self.registration(identity).await?;
-        let id = core::authorize_write(identity, reg.as_ref().map(|r| r.serial.as_str()), key)?;
+        let id = core::authorize_write(
+            identity,
+            reg.as_ref().map(Entry::certificates),
+            self.now_ms(),
+            key,
+        )?;
         // authorize_write succeeded: the caller is a cluster with a registration.
         let entry = reg.ok_or_else(|| Denied::Revoked {
             cluster: id.clone(),
@@ -675,13 +739,8 @@ impl<S: Store> BrokerService<S> {
                 &key_sha256,
                 &existing,
             )?;
-            let (cert_pem, serial) = self
-                .ca
-                .sign_cluster(now, &cluster.id, &req.public_key_der)
-                .map_err(|e| match e {
-                    PkiError::PublicKey(_) => ServiceError::PublicKey(e),
-                    e => ServiceError::Ca(e),
-                })?;
+            let trust = self.trust.borrow().clone();
+            let (cert_pem, serial) = self.sign(&trust, now, &cluster.id, &req.public_key_der)?;
             let key = RecordKey::Cluster(cluster.id.clone()).to_string();
             let previous = existing_kvs.iter().find(|kv| kv.key == key);
             let joined_at_unix_ms = match (&decision, previous.and_then(decode_registration)) {
@@ -693,7 +752,9 @@ impl<S: Store> BrokerService<S> {
                 certificate_serial: serial.clone(),
                 joined_at_unix_ms,
                 public_key_sha256: key_sha256,
-                certificate_expires_at_unix_ms: unix_ms(now + crate::pki::LEAF_VALIDITY),
+                certificate_expires_at_unix_ms: unix_ms(now + self.certificates.validity),
+                retiring: Vec::new(),
+                certificate_ca_sha256: trust.signer.sha256.clone(),
             });
             // A new join: the key must still be free. A retry: the registration must be the
             // one decided on. The certificate issued first (never saved) stops working.
@@ -734,8 +795,85 @@ impl<S: Store> BrokerService<S> {
                 }
                 return Ok(proto::JoinResponse {
                     certificate_pem: cert_pem,
-                    ca_certificate_pem: self.ca.cert_pem.clone(),
+                    ca_certificate_pem: trust.bundle_pem.clone(),
                     revision,
+                });
+            }
+        }
+        Err(ServiceError::RegistryBusy)
+    }
+
+    /// Signs a cluster's public key with the CA that signs now.
+    fn sign(
+        &self,
+        trust: &Trust,
+        now: SystemTime,
+        id: &ClusterId,
+        public_key_der: &[u8],
+    ) -> Result<(String, String), ServiceError> {
+        trust
+            .signer
+            .sign_cluster(now, self.certificates.validity, id, public_key_der)
+            .map_err(|e| match e {
+                PkiError::PublicKey(_) => ServiceError::PublicKey(e),
+                e => ServiceError::Ca(e),
+            })
+    }
+
+    /// A new certificate for the caller's cluster and a new key; the certificate the call
+    /// came with keeps working for the renewal grace. Guarded by the registration's revision,
+    /// so a renewal racing with `broker revoke` (or another renewal) is retried or refused.
+    async fn do_renew(
+        &self,
+        identity: &Identity,
+        req: proto::RenewCertificateRequest,
+    ) -> Result<proto::RenewCertificateResponse, ServiceError> {
+        let Identity::Cluster { id, serial } = identity else {
+            return Err(Denied::AdminWrite.into());
+        };
+        let key = RecordKey::Cluster(id.clone()).to_string();
+        for _ in 0..16 {
+            let now = self.clock.now();
+            let Some((kv, reg)) = self
+                .store
+                .get(&key)
+                .await?
+                .and_then(|kv| decode_registration(&kv).map(|r| (kv, r)))
+            else {
+                return Err(Denied::Revoked {
+                    cluster: id.clone(),
+                }
+                .into());
+            };
+            let trust = self.trust.borrow().clone();
+            let (certificate_pem, new_serial) = self.sign(&trust, now, id, &req.public_key_der)?;
+            let expires_at_unix_ms = unix_ms(now + self.certificates.validity);
+            let renewed = core::renew(
+                &reg,
+                serial,
+                unix_ms(now),
+                self.certificates.renewal_grace.as_millis() as i64,
+                core::Issued {
+                    serial: new_serial,
+                    expires_at_unix_ms,
+                    ca_sha256: trust.signer.sha256.clone(),
+                    public_key_sha256: hex::encode(Sha256::digest(&req.public_key_der)),
+                },
+            )?;
+            let previous_valid_until_unix_ms = core::Certificates::of(&renewed)
+                .grace_of(serial)
+                .unwrap_or_default();
+            let txn = Txn::default()
+                .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                .and_put(key.clone(), Record::Cluster(renewed.clone()).encode(), 0);
+            if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
+                self.registry.set(id.clone(), Entry::of(renewed, revision));
+                info!(cluster = %id, "cluster certificate renewed");
+                return Ok(proto::RenewCertificateResponse {
+                    certificate_pem,
+                    ca_certificate_pem: trust.bundle_pem.clone(),
+                    expires_at_unix_ms,
+                    previous_valid_until_unix_ms,
                 });
             }
         }
@@ -911,7 +1049,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::ListRequest>,
     ) -> Result<Response<proto::ListResponse>, Status> {
-        let identity = Self::identity(&request)?;
+        let identity = self.identity(&request)?;
         let read = self.authorize_read(&identity).await;
         self.audited(
             || audit::who(Some(&identity)),
@@ -939,7 +1077,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let identity = Self::identity(&request)?;
+        let crate::pki::Peer { identity, issuer } = self.peer(&request)?;
         let read = self.authorize_read(&identity).await;
         self.audited(
             || audit::who(Some(&identity)),
@@ -957,15 +1095,21 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         let (tx, rx) = mpsc::channel(16);
         let registry = self.registry.clone();
         let closing = self.closing.clone();
+        let (clock, trust) = (self.clock.clone(), self.trust.clone());
         let holder = match identity {
             Identity::Cluster { id, serial } => Some((id, serial)),
             Identity::Admin => None,
         };
         tokio::spawn(async move {
+            // Valid while the certificate speaks for the cluster (not revoked, re-joined, or
+            // renewed away from past its grace) and its CA is trusted.
             let valid = || {
-                holder.as_ref().is_none_or(|(id, serial)| {
-                    registry.get(id).is_some_and(|e| &e.serial == serial)
-                })
+                trust.borrow().check_issuer(&issuer).is_ok()
+                    && holder.as_ref().is_none_or(|(id, serial)| {
+                        registry
+                            .get(id)
+                            .is_some_and(|e| e.certificates().accepts(serial, unix_ms(clock.now())))
+                    })
             };
             let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -1008,7 +1152,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
-        let identity = Self::identity(&request);
+        let identity = self.identity(&request);
         let remote = request.remote_addr();
         let req = request.into_inner();
         // What the audit names if this is refused: the record's key as sent (a label only).
@@ -1034,7 +1178,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::WithdrawRequest>,
     ) -> Result<Response<proto::WithdrawResponse>, Status> {
-        let identity = Self::identity(&request);
+        let identity = self.identity(&request);
         let req = request.into_inner();
         let (caller, r) = match identity {
             Ok(identity) => {
@@ -1057,7 +1201,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::GrantLeaseRequest>,
     ) -> Result<Response<proto::GrantLeaseResponse>, Status> {
-        let identity = Self::identity(&request)?;
+        let identity = self.identity(&request)?;
         let id = self.live_cluster(&identity).await?;
         let ttl = lease_ttl(request.get_ref());
         let lease = self
@@ -1091,7 +1235,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
-        let identity = Self::identity(&request)?;
+        let identity = self.identity(&request)?;
         let id = self.live_cluster(&identity).await?;
         let lease = request.get_ref().lease_id;
         self.check_lease(lease, id).await?;
@@ -1110,7 +1254,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::RevokeClusterRequest>,
     ) -> Result<Response<proto::RevokeClusterResponse>, Status> {
-        let identity = Self::identity(&request);
+        let identity = self.identity(&request);
         let who = audit::who(identity.as_ref().ok());
         let target = request.get_ref().cluster_id.clone();
         let r = async {
@@ -1127,7 +1271,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::CreateTokenRequest>,
     ) -> Result<Response<proto::CreateTokenResponse>, Status> {
-        let identity = Self::identity(&request);
+        let identity = self.identity(&request);
         let who = audit::who(identity.as_ref().ok());
         let req = request.into_inner();
         let target = format!(
@@ -1158,7 +1302,7 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::ListEventsRequest>,
     ) -> Result<Response<proto::ListEventsResponse>, Status> {
-        let identity = Self::identity(&request)?;
+        let identity = self.identity(&request)?;
         let allowed = core::authorize_admin(&identity).map_err(ServiceError::from);
         self.audited(
             || audit::who(Some(&identity)),
@@ -1176,11 +1320,45 @@ impl<S: Store> proto::broker_server::Broker for BrokerService<S> {
         &self,
         request: Request<proto::WhoAmIRequest>,
     ) -> Result<Response<proto::WhoAmIResponse>, Status> {
-        let identity = Self::identity(&request)?;
-        self.authorize_read(&identity).await?;
+        let peer = self.peer(&request)?;
+        let reg = self.registration(&peer.identity).await?;
+        core::authorize_read(
+            &peer.identity,
+            reg.as_ref().map(Entry::certificates),
+            self.now_ms(),
+        )
+        .map_err(ServiceError::from)?;
+        let trust = self.trust.borrow().clone();
+        let renew_reason = match (&peer.identity, &reg) {
+            (Identity::Cluster { serial, .. }, Some(entry)) if &entry.serial != serial => {
+                "this certificate was renewed already and works only until the end of its grace; use the credentials file's current one, or renew"
+            }
+            _ if trust.is_retiring(&peer.issuer) => {
+                "this certificate was issued by a CA that is being retired (clusterlink broker rotate-ca)"
+            }
+            _ => "",
+        };
         Ok(Response::new(proto::WhoAmIResponse {
-            identity: identity.to_string(),
+            identity: peer.identity.to_string(),
+            ca_certificate_pem: trust.bundle_pem.clone(),
+            renew_reason: renew_reason.to_owned(),
         }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<proto::RenewCertificateRequest>,
+    ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
+        let identity = self.identity(&request);
+        let who = audit::who(identity.as_ref().ok());
+        let r = async {
+            let identity = identity?;
+            self.do_renew(&identity, request.into_inner()).await
+        }
+        .await;
+        let target = who.clone();
+        self.audited(|| who, "renew-certificate", || target, r, true)
+            .map(Response::new)
     }
 }
 

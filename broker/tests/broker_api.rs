@@ -39,6 +39,8 @@ struct TestBroker {
     tls: BrokerTls,
     admin: CertAndKey,
     clock: ManualClock,
+    /// Replaces the broker's TLS material while it runs (a CA rotation).
+    tls_tx: tokio::sync::watch::Sender<BrokerTls>,
     _stop: oneshot::Sender<()>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -49,7 +51,14 @@ fn make_tls() -> (BrokerTls, CertAndKey) {
     let loaded = Ca::load(&ca).unwrap();
     let server = loaded.server_cert(now, &["127.0.0.1".into()]).unwrap();
     let admin = loaded.admin_cert(now).unwrap();
-    (BrokerTls { ca, server }, admin)
+    (
+        BrokerTls {
+            ca,
+            server,
+            retiring_ca: None,
+        },
+        admin,
+    )
 }
 
 impl TestBroker {
@@ -75,7 +84,7 @@ impl TestBroker {
         let clock = ManualClock(Arc::new(Mutex::new(SystemTime::now())));
         let (stop, stopped) = oneshot::channel::<()>();
         let c: Arc<dyn Clock> = Arc::new(clock.clone());
-        let t = tls.clone();
+        let (tls_tx, t) = tokio::sync::watch::channel(tls.clone());
         tokio::spawn(async move {
             serve(store, t, listener, c, options, async {
                 let _ = stopped.await;
@@ -88,6 +97,7 @@ impl TestBroker {
             tls,
             admin,
             clock,
+            tls_tx,
             _stop: stop,
             _dir: dir,
         }
@@ -334,6 +344,8 @@ async fn a_cluster_cannot_write_another_clusters_records() {
             joined_at_unix_ms: 0,
             public_key_sha256: String::new(),
             certificate_expires_at_unix_ms: 0,
+            retiring: Vec::new(),
+            certificate_ca_sha256: String::new(),
         })),
     };
     assert_eq!(
@@ -1337,4 +1349,304 @@ async fn a_registration_says_when_the_clusters_certificate_expires() {
         "registration says {}, the certificate {not_after_ms}",
         reg.certificate_expires_at_unix_ms
     );
+}
+
+impl TestBroker {
+    /// Joins a cluster and returns its credentials (as `clusterlink join` writes them).
+    async fn join_credentials(
+        &self,
+        token: &str,
+        id: &str,
+        pods: &str,
+        svcs: &str,
+    ) -> clusterlink_broker_client::Credentials {
+        let (key, spki) = new_client_key().unwrap();
+        let resp = self
+            .anonymous()
+            .await
+            .join(join_request(token, id, pods, svcs, spki))
+            .await
+            .unwrap()
+            .into_inner();
+        clusterlink_broker_client::Credentials::new(
+            self.address.clone(),
+            resp.ca_certificate_pem,
+            clusterlink_broker_client::Identity::Cluster(id.parse().unwrap()),
+            resp.certificate_pem,
+            key,
+        )
+    }
+}
+
+async fn who_am_i(
+    creds: &clusterlink_broker_client::Credentials,
+) -> Result<proto::WhoAmIResponse, tonic::Status> {
+    let mut c = clusterlink_broker_client::connect_with(creds)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    c.who_am_i(proto::WhoAmIRequest {})
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn serial_of(pem: &str) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate, parse_x509_pem};
+    let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
+    let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+    hex::encode(cert.raw_serial())
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_works_for_its_grace_then_never_again() {
+    let grace = Duration::from_secs(600);
+    let (b, _) = TestBroker::embedded_with(ServeOptions {
+        certificates: clusterlink_broker::service::CertificatePolicy {
+            renewal_grace: grace,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let t = b.token(false).await;
+    let old = b
+        .join_credentials(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await;
+    assert_eq!(who_am_i(&old).await.unwrap().renew_reason, "");
+    // A watch held open with the old certificate across the renewal.
+    let mut old_client = clusterlink_broker_client::connect_with(&old).await.unwrap();
+    let mut stream = watch_from(&mut old_client, Kind::Services, 0).await;
+
+    let new = clusterlink_broker_client::renew::renew(&old).await.unwrap();
+    assert_ne!(serial_of(&new.certificate), serial_of(&old.certificate));
+    assert_ne!(
+        new.private_key, old.private_key,
+        "a renewal makes a new key"
+    );
+    assert_eq!(who_am_i(&new).await.unwrap().identity, "cluster/east");
+    let mut admin = b.admin().await;
+    let clusters = list(&mut admin, Kind::Clusters).await;
+    let [Record::Cluster(reg)] = &clusters[..] else {
+        panic!("{clusters:?}")
+    };
+    assert_eq!(reg.certificate_serial, serial_of(&new.certificate));
+    assert_eq!(reg.retiring.len(), 1);
+    assert_eq!(reg.retiring[0].serial, serial_of(&old.certificate));
+
+    // During the grace the old certificate still works, and is told to move on.
+    b.clock.advance(grace - Duration::from_secs(1));
+    let during = who_am_i(&old).await.unwrap();
+    assert!(
+        during.renew_reason.contains("renewed already"),
+        "{during:?}"
+    );
+    let mut c = clusterlink_broker_client::connect_with(&new).await.unwrap();
+    c.publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap();
+    watch_events(&mut stream, 1).await;
+
+    // After it, the old certificate is refused, and its open watch ends.
+    b.clock.advance(Duration::from_secs(2));
+    let refused = who_am_i(&old).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("grace"), "{}", refused.message());
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the watch made with the old certificate must end");
+    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+    // Nor can it renew again; the new one can.
+    assert!(clusterlink_broker_client::renew::renew(&old).await.is_err());
+    assert!(clusterlink_broker_client::renew::renew(&new).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_certificate_near_its_expiry_is_renewed_and_saved_without_a_restart() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let creds = b
+        .join_credentials(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("east.yaml");
+    creds.write(&path).unwrap();
+    // The component's clock: moved by hand, like the broker's.
+    let now = Arc::new(Mutex::new(SystemTime::now()));
+    let clock = now.clone();
+    let mut live = clusterlink_broker_client::keep(
+        path.clone(),
+        creds.clone(),
+        clusterlink_broker_client::KeepOptions {
+            check_every: Duration::from_millis(50),
+            now: Arc::new(move || *clock.lock().unwrap()),
+        },
+    );
+    let mut view = clusterlink_broker_client::follow(live.clone(), &[Kind::Services]);
+    let first = live.current();
+    // Far from expiry: several checks, nothing renewed.
+    for _ in 0..5 {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(120), live.changed())
+                .await
+                .is_err(),
+            "nothing to renew yet"
+        );
+    }
+    assert_eq!(live.current().certificate, first.certificate);
+    // 300 of 365 days later: renewed, saved, and used.
+    *now.lock().unwrap() += Duration::from_secs(300 * 24 * 3600);
+    tokio::time::timeout(Duration::from_secs(10), live.changed())
+        .await
+        .expect("renewed");
+    let renewed = live.current();
+    assert_ne!(renewed.certificate, first.certificate);
+    let saved = clusterlink_broker_client::Credentials::read(&path).unwrap();
+    assert_eq!(saved, *renewed, "the file holds what is used");
+    assert_eq!(who_am_i(&renewed).await.unwrap().identity, "cluster/east");
+    // The follower reconnected with the new certificate and still sees changes.
+    let mut c = clusterlink_broker_client::connect_with(&renewed)
+        .await
+        .unwrap();
+    c.publish(publish(service("east", "demo", "echo")))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if view
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|s| s.services.len() == 1)
+            {
+                return;
+            }
+            view.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the follower sees the record published after the renewal");
+}
+
+#[tokio::test]
+async fn a_ca_rotation_moves_every_live_client_over_and_then_retires_the_old_ca() {
+    let (b, _) = TestBroker::embedded().await;
+    let t = b.token(false).await;
+    let east = b
+        .join_credentials(&t, "east", "10.1.0.0/16", "10.101.0.0/16")
+        .await;
+    // west never renews (its components are down during the rotation).
+    let west = b
+        .join_credentials(&t, "west", "10.2.0.0/16", "10.102.0.0/16")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("east.yaml");
+    east.write(&path).unwrap();
+    let mut live = clusterlink_broker_client::keep(
+        path.clone(),
+        east.clone(),
+        clusterlink_broker_client::KeepOptions {
+            check_every: Duration::from_millis(50),
+            ..Default::default()
+        },
+    );
+    let mut view = clusterlink_broker_client::follow(live.clone(), &[Kind::Services]);
+    let mut west_client = clusterlink_broker_client::connect_with(&west)
+        .await
+        .unwrap();
+    let sees = |view: &mut tokio::sync::watch::Receiver<Option<clusterlink_api::ClusterSet>>,
+                n: usize| {
+        let mut view = view.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if view
+                        .borrow_and_update()
+                        .as_ref()
+                        .is_some_and(|s| s.services.len() == n)
+                    {
+                        return;
+                    }
+                    view.changed().await.unwrap();
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("east's follower should see {n} services"))
+        }
+    };
+    live.current();
+
+    // Start: a new CA signs; the old one stays trusted; the server keeps its certificate.
+    let old = b.tls.clone();
+    let new_ca = new_ca(SystemTime::now()).unwrap();
+    b.tls_tx.send_replace(BrokerTls {
+        ca: new_ca.clone(),
+        server: old.server.clone(),
+        retiring_ca: Some(old.ca.cert_pem.clone()),
+    });
+    // east's keeper is told, renews onto the new CA, and trusts both.
+    tokio::time::timeout(Duration::from_secs(10), live.changed())
+        .await
+        .expect("east renews onto the new CA");
+    let renewed = live.current();
+    let issuer = |pem: &str| {
+        use x509_parser::prelude::{FromDer, X509Certificate, parse_x509_pem};
+        let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+        cert.issuer().to_string()
+    };
+    let ca_name = |pem: &str| {
+        use x509_parser::prelude::{FromDer, X509Certificate, parse_x509_pem};
+        let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+        cert.subject().to_string()
+    };
+    assert_eq!(issuer(&renewed.certificate), ca_name(&new_ca.cert_pem));
+    assert!(renewed.ca_certificate.contains(new_ca.cert_pem.trim()));
+    assert!(renewed.ca_certificate.contains(old.ca.cert_pem.trim()));
+    // west, on the old CA, still works during the overlap, and is told to renew.
+    let w = who_am_i(&west).await.unwrap();
+    assert!(w.renew_reason.contains("retired"), "{w:?}");
+    west_client
+        .publish(publish(service("west", "demo", "one")))
+        .await
+        .unwrap();
+    sees(&mut view, 1).await;
+
+    // Finish: the server presents a certificate of the new CA; the old CA is not trusted.
+    let new_server = Ca::load(&new_ca)
+        .unwrap()
+        .server_cert(SystemTime::now(), &["127.0.0.1".into()])
+        .unwrap();
+    b.tls_tx.send_replace(BrokerTls {
+        ca: new_ca.clone(),
+        server: new_server,
+        retiring_ca: None,
+    });
+    // east's keeper drops the old CA from what it trusts.
+    tokio::time::timeout(Duration::from_secs(10), live.changed())
+        .await
+        .expect("east follows the CA bundle");
+    let after = live.current();
+    assert!(!after.ca_certificate.contains(old.ca.cert_pem.trim()));
+    assert_eq!(after.certificate, renewed.certificate);
+    // east still publishes and follows, over new connections.
+    let mut east_client = clusterlink_broker_client::connect_with(&after)
+        .await
+        .unwrap();
+    east_client
+        .publish(publish(service("east", "demo", "two")))
+        .await
+        .unwrap();
+    sees(&mut view, 2).await;
+    // west's open connection (made before the retirement) is refused from now on, and so is
+    // a new one (its certificate's CA is not trusted, nor does it trust the new server).
+    let refused = west_client
+        .publish(publish(service("west", "demo", "three")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer trusts"),
+        "{}",
+        refused.message()
+    );
+    assert!(who_am_i(&west).await.is_err());
 }

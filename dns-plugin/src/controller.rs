@@ -16,7 +16,7 @@ use std::time::Duration;
 use clusterlink_api::ClusterSet;
 use clusterlink_api::proto::broker_client::BrokerClient;
 use clusterlink_api::{ClusterId, DnsLabel, Record, ServiceRecord, proto};
-use clusterlink_broker_client::{ConnectError, Credentials, connect_with};
+use clusterlink_broker_client::{ConnectError, LiveCredentials, connect_with};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use thiserror::Error;
@@ -51,7 +51,7 @@ impl std::fmt::Debug for Source {
 
 pub struct ExportController {
     source: Source,
-    creds: Credentials,
+    creds: LiveCredentials,
     local: ClusterId,
     client: Option<BrokerClient<Channel>>,
     first_seen: BTreeMap<Key, Timestamp>,
@@ -72,7 +72,7 @@ pub struct ExportController {
 }
 
 impl ExportController {
-    pub fn new(source: Source, creds: Credentials, local: ClusterId) -> Self {
+    pub fn new(source: Source, creds: LiveCredentials, local: ClusterId) -> Self {
         let source_dir = match &source {
             Source::Dir(d) => Some(d.clone()),
             Source::Kube(_) => None,
@@ -393,9 +393,10 @@ impl ExportController {
     }
 
     async fn client(&mut self) -> Result<&mut BrokerClient<Channel>, ConnectError> {
+        // A renewed certificate: the next call connects with it.
         let client = match self.client.take() {
-            Some(client) => client,
-            None => connect_with(&self.creds).await?,
+            Some(client) if !self.creds.has_changed() => client,
+            _ => connect_with(&self.creds.current()).await?,
         };
         Ok(self.client.insert(client))
     }

@@ -28,8 +28,8 @@ pub mod server;
 pub(crate) mod testing {
     /// Credentials of cluster "a" for a broker nobody listens on (127.0.0.1:1): for a
     /// controller whose test makes no broker call.
-    pub fn unreachable_broker_credentials() -> clusterlink_broker_client::Credentials {
-        clusterlink_broker_client::Credentials {
+    pub fn unreachable_broker_credentials() -> clusterlink_broker_client::LiveCredentials {
+        clusterlink_broker_client::LiveCredentials::fixed(clusterlink_broker_client::Credentials {
             api_version: String::new(),
             kind: String::new(),
             address: "127.0.0.1:1".into(),
@@ -37,6 +37,6 @@ pub(crate) mod testing {
             identity: clusterlink_broker_client::Identity::Cluster("a".parse().unwrap()),
             certificate: String::new(),
             private_key: String::new(),
-        }
+        })
     }
 }

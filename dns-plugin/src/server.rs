@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clusterlink_api::{ClusterId, Kind};
-use clusterlink_broker_client::Credentials;
+use clusterlink_broker_client::LiveCredentials;
 use clusterlink_broker_client::follow;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -399,13 +399,14 @@ async fn serve(
 /// Serves the zone until `shutdown`, following the broker for services and tunnel health.
 pub async fn run(
     config: DnsConfig,
-    credentials: Credentials,
+    credentials: LiveCredentials,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DnsError> {
-    let local: ClusterId = credentials
+    let creds = credentials.peek();
+    let local: ClusterId = creds
         .cluster()
         .cloned()
-        .ok_or_else(|| DnsError::NotACluster(credentials.identity.clone()))?;
+        .ok_or_else(|| DnsError::NotACluster(creds.identity.clone()))?;
     let zone = Zone::new(&config.zone, config.ttl, config.ns_addresses.clone())?;
     let (view_tx, view_rx) = watch::channel(Arc::new(View {
         local: Some(local.clone()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use clusterlink_api::NodeName;
-use clusterlink_broker_client::{ConnectError, Credentials, Identity};
+use clusterlink_broker_client::{ConnectError, Identity, LiveCredentials};
 use clusterlink_gateway_core::wg::StaticSecret;
 use thiserror::Error;
 use tracing::{debug, warn};
@@ -44,7 +44,7 @@ pub enum GatewayError {
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    pub credentials: Credentials,
+    pub credentials: LiveCredentials,
     pub node: NodeName,
     pub listen_port: u16,
     /// The node's underlay address, offered to peers.

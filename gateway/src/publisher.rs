@@ -8,7 +8,7 @@ use clusterlink_api::proto::broker_client::BrokerClient;
 use clusterlink_api::{
     ClusterSet, ConnectionStatus, GatewayEndpoint, Kind, Record, RecordKey, proto, unix_ms,
 };
-use clusterlink_broker_client::{Backoff, ConnectError, Credentials, connect_with};
+use clusterlink_broker_client::{Backoff, ConnectError, LiveCredentials, connect_with};
 use clusterlink_gateway_core::core::PeerStatus;
 use clusterlink_gateway_core::election::decide_role;
 use clusterlink_gateway_core::status::{STATUS_REFRESH, StatusSchedule};
@@ -184,7 +184,7 @@ async fn hold<C: LeaseCalls>(
 /// Keeps this gateway's endpoint published under a lease, holds the election for its role,
 /// and publishes tunnel status.
 pub(crate) async fn publish(
-    creds: Credentials,
+    mut creds: LiveCredentials,
     mut endpoint: GatewayEndpoint,
     ttl: Duration,
     mut view: watch::Receiver<Option<ClusterSet>>,
@@ -194,7 +194,7 @@ pub(crate) async fn publish(
     let mut backoff = Backoff::new(Duration::from_millis(100), ttl / 2);
     loop {
         let result: Result<(), PublishError> = async {
-            let mut client = connect_with(&creds).await?;
+            let mut client = connect_with(&creds.current()).await?;
             let lease = client
                 .grant_lease(proto::GrantLeaseRequest {
                     ttl_seconds: 0,
@@ -209,7 +209,15 @@ pub(crate) async fn publish(
             info!(role = ?endpoint.role, lease_ms = granted.as_millis() as u64, "gateway endpoint published");
             backoff.reset();
             view.mark_changed();
-            hold(client, lease.lease_id, granted, &mut endpoint, &mut view, &mut status).await
+            // A renewed certificate: a new connection (and lease) with it, the endpoint
+            // republished under the new lease before the old one lapses.
+            tokio::select! {
+                r = hold(client, lease.lease_id, granted, &mut endpoint, &mut view, &mut status) => r,
+                _ = creds.changed() => {
+                    info!("credentials changed; reconnecting with them");
+                    Ok(())
+                }
+            }
         }
         .await;
         if let Err(e) = result {

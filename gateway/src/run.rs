@@ -25,11 +25,11 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), GatewayError> {
-    let cluster = config
-        .credentials
+    let creds = config.credentials.peek();
+    let cluster = creds
         .cluster()
         .cloned()
-        .ok_or_else(|| GatewayError::NotACluster(config.credentials.identity.clone()))?;
+        .ok_or_else(|| GatewayError::NotACluster(creds.identity.clone()))?;
     let secret = load_or_create_key(&config.key_file)?;
     let core = GatewayCore::new(secret);
     let public_key = core.public_key();
@@ -119,7 +119,7 @@ pub async fn run(
     // Hand over now rather than when the lease lapses: withdraw this endpoint first, while
     // the data plane still carries what is in flight, then stop it.
     let withdraw = async {
-        let mut client = connect_with(&config.credentials).await.ok()?;
+        let mut client = connect_with(&config.credentials.peek()).await.ok()?;
         client
             .withdraw(proto::WithdrawRequest {
                 kind: proto::Kind::Gateways as i32,

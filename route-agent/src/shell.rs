@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clusterlink_api::ClusterSet;
 use clusterlink_api::{ClusterId, Kind, NodeName};
-use clusterlink_broker_client::Credentials;
+use clusterlink_broker_client::LiveCredentials;
 use clusterlink_broker_client::follow;
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
@@ -41,7 +41,7 @@ pub enum AgentError {
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    pub credentials: Credentials,
+    pub credentials: LiveCredentials,
     pub node: NodeName,
     pub node_ip: Ipv4Addr,
     pub tunnel_device: String,
@@ -69,7 +69,7 @@ impl AgentConfig {
             underlay_mtu: self.underlay_mtu,
             vni: self.vni,
             vxlan_port: self.vxlan_port,
-            broker: broker_ips(&self.credentials.address),
+            broker: broker_ips(&self.credentials.peek().address),
         }
     }
 }
@@ -87,11 +87,11 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let cluster: ClusterId = config
-        .credentials
+    let creds = config.credentials.peek();
+    let cluster: ClusterId = creds
         .cluster()
         .cloned()
-        .ok_or_else(|| AgentError::NotACluster(config.credentials.identity.clone()))?;
+        .ok_or_else(|| AgentError::NotACluster(creds.identity.clone()))?;
     let own = config.ownership;
     let node = config.node_config(cluster.clone());
     let kernel = Kernel::connect(own, &config.overlay_device, &config.tunnel_device)?

@@ -1,20 +1,21 @@
-//! `deploy-broker`, `broker run`, `broker revoke`, `broker token create`.
+//! `deploy-broker`, `broker run`, `broker revoke`, `broker token create`, `broker rotate-ca`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_api::proto;
 use clusterlink_broker::deploy::{AnyStore, BrokerConfig, DataDir, StoreSpec};
-use clusterlink_broker::server::{ServeOptions, serve};
+use clusterlink_broker::pki::CertAndKey;
+use clusterlink_broker::server::{BrokerTls, ServeOptions, serve};
 use clusterlink_broker::service::{MAX_TOKEN_TTL, MIN_TOKEN_TTL, SystemClock, create_token};
 use clusterlink_broker_client::{
     BrokerInfo, Credentials, check_address, connect_with, rfc3339_from_unix_ms,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{CredentialsArg, call};
 use clusterlink_cli::daemon::{self, ShutdownArgs};
@@ -58,6 +59,38 @@ pub enum BrokerCommand {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Replace the broker's CA without cutting anyone off: `start` makes a new CA that signs
+    /// from then on while the old one stays trusted; every cluster's components renew onto
+    /// the new one by themselves; `status` shows who has; `finish` retires the old CA.
+    #[command(subcommand, name = "rotate-ca")]
+    RotateCa(RotateCaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum RotateCaCommand {
+    /// Make a new CA; both are trusted until `finish`. A running broker picks it up.
+    Start(RotateArgs),
+    /// Which clusters hold a certificate of the new CA, and which still one of the old.
+    Status(RotateArgs),
+    /// Retire the old CA: the server gets a certificate of the new one and the old one is no
+    /// longer trusted. Refused while a cluster still holds a certificate of the old CA.
+    Finish(FinishArgs),
+}
+
+#[derive(Args)]
+pub struct RotateArgs {
+    #[arg(long, env = "CLUSTERLINK_DATA_DIR")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct FinishArgs {
+    #[arg(long, env = "CLUSTERLINK_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Retire the old CA even though some clusters (listed) still hold certificates of it, or
+    /// the broker cannot be asked: those clusters must join again.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -189,7 +222,184 @@ pub async fn run(c: BrokerCommand) -> Result<()> {
         BrokerCommand::Run(a) => run_broker(a).await,
         BrokerCommand::Revoke(a) => revoke(a).await,
         BrokerCommand::Token(TokenCommand::Create(a)) => token_create(a).await,
+        BrokerCommand::RotateCa(RotateCaCommand::Start(a)) => rotate_start(a).await,
+        BrokerCommand::RotateCa(RotateCaCommand::Status(a)) => rotate_status(a).await,
+        BrokerCommand::RotateCa(RotateCaCommand::Finish(a)) => rotate_finish(a).await,
     }
+}
+
+/// How often a running broker looks for new TLS material in its data directory.
+const TLS_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the data directory's TLS material every [`TLS_POLL`] and sends it when it changed
+/// (a `rotate-ca` step); material that does not load is reported once and not sent.
+async fn watch_tls(dir: DataDir, tx: tokio::sync::watch::Sender<BrokerTls>) {
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TLS_POLL) => {}
+            _ = tx.closed() => return,
+        }
+        match dir.load_tls() {
+            Ok(tls) => {
+                last_error.clear();
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != tls;
+                    if changed {
+                        *cur = tls;
+                    }
+                    changed
+                });
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    warn!(error = %e, "cannot read the broker's certificates; keeping those in use");
+                    last_error = e;
+                }
+            }
+        }
+    }
+}
+
+/// Rewrites the data directory's admin.yaml with `admin`, trusting what `tls` trusts.
+fn write_admin(dir: &DataDir, tls: &BrokerTls, admin: CertAndKey) -> Result<()> {
+    let config = dir.load_config()?;
+    let mut bundle = tls.ca.cert_pem.trim_end().to_owned();
+    if let Some(old) = &tls.retiring_ca {
+        bundle.push('\n');
+        bundle.push_str(old.trim_end());
+    }
+    bundle.push('\n');
+    Credentials::new(
+        config.advertise,
+        bundle,
+        clusterlink_broker_client::Identity::Admin,
+        admin.cert_pem,
+        admin.key_pem,
+    )
+    .write(&dir.admin_path())?;
+    Ok(())
+}
+
+async fn rotate_start(a: RotateArgs) -> Result<()> {
+    let dir = DataDir::new(&a.data_dir);
+    dir.load_config()?;
+    let (tls, admin) = dir
+        .start_rotation(SystemTime::now())
+        .context("Failed to start the CA rotation")?;
+    write_admin(&dir, &tls, admin)?;
+    print(&format!(
+        "CA rotation started in {dir}: a new CA signs from now on; the old one stays trusted.\n\
+         A running broker picks it up within {poll}s; brokers sharing the store need a copy of pki/.\n\
+         Each cluster's components renew onto the new CA by themselves (within a minute or so).\n\
+         Follow it:  clusterlink broker rotate-ca status --data-dir {dir}\n\
+         Then:       clusterlink broker rotate-ca finish --data-dir {dir}\n\
+         {admin} was rewritten with a certificate of the new CA.\n",
+        dir = dir.root.display(),
+        poll = TLS_POLL.as_secs(),
+        admin = dir.admin_path().display(),
+    ));
+    Ok(())
+}
+
+/// Each cluster and whether its certificate comes from the CA that signs now.
+#[derive(serde::Serialize)]
+struct RotationView {
+    cluster: String,
+    on_new_ca: bool,
+}
+
+/// The clusters whose certificate is not from the CA that signs now (asked of the broker).
+async fn clusters_on_old_ca(dir: &DataDir) -> Result<(Vec<RotationView>, usize)> {
+    let tls = dir.load_tls()?;
+    let new_ca = clusterlink_broker::pki::fingerprint(&tls.ca.cert_pem, "the CA certificate")?;
+    let creds = Credentials::read(&dir.admin_path()).context("Failed to load admin.yaml")?;
+    let mut client = connect_with(&creds).await?;
+    let resp = call(
+        "list clusters",
+        client.list(proto::ListRequest {
+            kind: clusterlink_api::Kind::Clusters.to_proto() as i32,
+        }),
+    )
+    .await?;
+    let mut views = Vec::new();
+    for r in resp.records {
+        if let Ok(clusterlink_api::Record::Cluster(reg)) = clusterlink_api::Record::try_from(r) {
+            views.push(RotationView {
+                cluster: reg.cluster.id.to_string(),
+                on_new_ca: reg.certificate_ca_sha256 == new_ca,
+            });
+        }
+    }
+    let old = views.iter().filter(|v| !v.on_new_ca).count();
+    Ok((views, old))
+}
+
+async fn rotate_status(a: RotateArgs) -> Result<()> {
+    let dir = DataDir::new(&a.data_dir);
+    if !dir.rotating() {
+        print("No CA rotation is under way.\n");
+        return Ok(());
+    }
+    let (views, old) = clusters_on_old_ca(&dir).await?;
+    let mut out = String::new();
+    for v in &views {
+        out.push_str(&format!(
+            "{}\t{}\n",
+            v.cluster,
+            if v.on_new_ca {
+                "new CA"
+            } else {
+                "old CA (not renewed yet)"
+            }
+        ));
+    }
+    out.push_str(&match old {
+        0 => "Every cluster holds a certificate of the new CA: finish the rotation (clusterlink broker rotate-ca finish).\n".to_owned(),
+        n => format!("{n} cluster(s) still on the old CA.\n"),
+    });
+    print(&out);
+    Ok(())
+}
+
+async fn rotate_finish(a: FinishArgs) -> Result<()> {
+    let dir = DataDir::new(&a.data_dir);
+    if !dir.rotating() {
+        bail!(clusterlink_broker::deploy::DeployError::NoRotation(
+            dir.root.clone()
+        ));
+    }
+    match clusters_on_old_ca(&dir).await {
+        Ok((views, 0)) => info!(clusters = views.len(), "every cluster is on the new CA"),
+        Ok((views, n)) if !a.force => {
+            let names: Vec<&str> = views
+                .iter()
+                .filter(|v| !v.on_new_ca)
+                .map(|v| v.cluster.as_str())
+                .collect();
+            bail!(
+                "{n} cluster(s) still hold a certificate of the old CA: {}. Their components renew within a minute or so when they can reach the broker; wait and retry, or pass --force (those clusters must then join again)",
+                names.join(", ")
+            );
+        }
+        Ok(_) => warn!("retiring the old CA while some clusters still hold its certificates"),
+        Err(e) if !a.force => {
+            return Err(e.context(
+                "Cannot ask the broker which clusters renewed; start it, or pass --force",
+            ));
+        }
+        Err(e) => warn!(error = %e, "cannot ask the broker; retiring the old CA anyway"),
+    }
+    let (tls, admin) = dir
+        .finish_rotation(SystemTime::now())
+        .context("Failed to finish the CA rotation")?;
+    write_admin(&dir, &tls, admin)?;
+    print(&format!(
+        "CA rotation finished in {dir}: the old CA is no longer trusted; the server presents a certificate of the new one.\n",
+        dir = dir.root.display()
+    ));
+    Ok(())
 }
 
 async fn run_broker(a: RunArgs) -> Result<()> {
@@ -219,15 +429,20 @@ async fn run_broker(a: RunArgs) -> Result<()> {
         clusterlink_broker_client::address_ip(&config.advertise)
             .into_iter()
             .collect();
-    config
-        .limits
-        .check()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("Invalid limits in {}", dir.config_path().display()))?;
     let options = ServeOptions {
         protected: advertised,
         limits: config.limits,
+        certificates: config
+            .certificates
+            .policy()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("Invalid config in {}", dir.config_path().display()))?,
     };
+    if dir.rotating() {
+        info!("a CA rotation is under way: both CAs are trusted");
+    }
+    let (tls_tx, tls) = tokio::sync::watch::channel(tls);
+    tokio::spawn(watch_tls(dir, tls_tx));
     daemon::run("broker", a.shutdown.grace(), |stop| async move {
         match store {
             AnyStore::Embedded(s) => serve(s, tls, listener, clock, options, stop).await?,

@@ -8,7 +8,7 @@ use clusterlink_dns::answer::Policy;
 use clusterlink_dns::controller::Source;
 use clusterlink_dns::server::{DnsConfig, run as run_dns};
 
-use super::CredentialsArg;
+use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
 use tracing::warn;
 
@@ -29,7 +29,7 @@ pub enum PolicyArg {
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub credentials: CredentialsArg,
+    pub credentials: DaemonCredentialsArg,
     /// Address to answer on (UDP and TCP).
     #[arg(long, default_value = "0.0.0.0:53")]
     pub listen: SocketAddr,
@@ -90,7 +90,7 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     (None, false) => None,
                 },
             };
-            let credentials = a.credentials.load()?;
+            let credentials = a.credentials.keep()?;
             daemon::run("DNS plugin", a.shutdown.grace(), |stop| async move {
                 run_dns(config, credentials, stop)
                     .await

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use clusterlink_api::NodeName;
 use clusterlink_gateway::{GatewayConfig, run as run_gateway};
 
-use super::CredentialsArg;
+use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
 
 #[derive(Subcommand)]
@@ -20,7 +20,7 @@ pub enum GatewayCommand {
 #[derive(Args)]
 pub struct GatewayRunArgs {
     #[command(flatten)]
-    pub credentials: CredentialsArg,
+    pub credentials: DaemonCredentialsArg,
     /// This node's name.
     #[arg(long, env = "CLUSTERLINK_NODE")]
     pub node: NodeName,
@@ -63,7 +63,7 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
     match c {
         GatewayCommand::Run(a) => {
             let config = GatewayConfig {
-                credentials: a.credentials.load()?,
+                credentials: a.credentials.keep()?,
                 node: a.node,
                 listen_port: a.listen_port,
                 private_addr: a.private_addr,

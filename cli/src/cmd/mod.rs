@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use clusterlink_broker_client::Credentials;
+use clusterlink_broker_client::{Credentials, KeepOptions, LiveCredentials};
 
 /// How long one request to the broker may take.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,6 +30,42 @@ pub struct CredentialsArg {
 impl CredentialsArg {
     pub fn load(&self) -> Result<Credentials> {
         Credentials::read(&self.credentials).context("Failed to load credentials")
+    }
+}
+
+/// A daemon's credentials: the file, read again when it changes, the certificate renewed
+/// before it expires or when the broker asks (a CA rotation).
+#[derive(clap::Args, Clone, Debug)]
+pub struct DaemonCredentialsArg {
+    #[command(flatten)]
+    pub file: CredentialsArg,
+    /// How often the credentials file is read again and the broker asked whether the
+    /// certificate should be renewed (1s to 1h).
+    #[arg(
+        long,
+        env = "CLUSTERLINK_CREDENTIALS_CHECK_INTERVAL",
+        default_value = "1m",
+        value_parser = parse_check_interval
+    )]
+    pub credentials_check_interval: humantime::Duration,
+}
+
+fn parse_check_interval(s: &str) -> Result<humantime::Duration, String> {
+    clusterlink_cli::duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+impl DaemonCredentialsArg {
+    /// Loads the file and keeps it current (needs a runtime).
+    pub fn keep(&self) -> Result<LiveCredentials> {
+        let creds = self.file.load()?;
+        Ok(clusterlink_broker_client::keep(
+            self.file.credentials.clone(),
+            creds,
+            KeepOptions {
+                check_every: self.credentials_check_interval.into(),
+                ..KeepOptions::default()
+            },
+        ))
     }
 }
 

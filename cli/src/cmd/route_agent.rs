@@ -9,7 +9,7 @@ use clusterlink_api::NodeName;
 use clusterlink_route_agent::core::Ownership;
 use clusterlink_route_agent::{AgentConfig, cleanup, run as run_agent};
 
-use super::CredentialsArg;
+use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
 
 #[derive(Subcommand)]
@@ -68,7 +68,7 @@ fn link_name(s: &str) -> Result<String, String> {
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub credentials: CredentialsArg,
+    pub credentials: DaemonCredentialsArg,
     /// This node's name.
     #[arg(long, env = "CLUSTERLINK_NODE")]
     pub node: NodeName,
@@ -112,7 +112,7 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 clusterlink_route_agent::core::VXLAN_OVERHEAD
             );
             let config = AgentConfig {
-                credentials: a.credentials.load()?,
+                credentials: a.credentials.keep()?,
                 node: a.node,
                 node_ip: a.node_ip,
                 tunnel_device: a.own.tunnel_device.clone(),
