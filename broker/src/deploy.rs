@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::pki::{Ca, CertAndKey, PkiError, new_ca};
+use crate::pki::{Ca, CertAndKey, PkiError, Trust, new_ca};
 use crate::server::BrokerTls;
 use crate::store::embedded::EmbeddedOptions;
 use crate::store::{EmbeddedStore, EtcdStore, StoreError};
@@ -314,9 +314,9 @@ impl DataDir {
     /// keeps its certificate (from the old CA: clients that have not renewed yet trust only
     /// that one). Returns the new admin credentials (from the new CA, trusting both).
     ///
-    /// Crash-safe: the new CA is written aside first; the one step that commits is the rename
-    /// of its certificate over `ca.crt`, and a start that was cut short is completed by the
-    /// next one.
+    /// Crash-safe: the new CA is written aside first; the step that commits is the rename of
+    /// its certificate over `ca.crt`, and a start that was cut short anywhere is completed by
+    /// the next one.
     pub fn start_rotation(&self, now: SystemTime) -> Result<(BrokerTls, CertAndKey), DeployError> {
         let write = |path: PathBuf, text: &str, mode| {
             write_atomic(&path, text.as_bytes(), mode)
@@ -325,20 +325,27 @@ impl DataDir {
         let rename = |from: PathBuf, to: PathBuf| {
             std::fs::rename(&from, &to).map_err(|source| FileError::Write { path: to, source })
         };
-        let staged = self.pki("next-ca.crt").exists() && self.pki("next-ca.key").exists();
+        // Written in this order: retiring-ca.crt, next-ca.key, next-ca.crt; then next-ca.key
+        // and next-ca.crt are moved over ca.key and ca.crt. Whatever step a crash stopped at,
+        // the next start goes on from there.
+        let staged = self.pki("next-ca.crt").exists();
         if !staged {
-            if self.rotating() {
+            let old = self.load_tls()?;
+            if let Some(retiring) = &old.retiring_ca
+                && *retiring != old.ca.cert_pem
+            {
                 return Err(DeployError::RotationUnderWay(self.root.clone()));
             }
-            let old = self.load_tls()?;
+            write(self.pki("retiring-ca.crt"), &old.ca.cert_pem, 0o644)?;
             let next = new_ca(now)?;
             write(self.pki("next-ca.key"), &next.key_pem, 0o600)?;
             write(self.pki("next-ca.crt"), &next.cert_pem, 0o644)?;
-            write(self.pki("retiring-ca.crt"), &old.ca.cert_pem, 0o644)?;
         }
         // The key first: until the certificate follows, ca.crt names the old CA and loading
         // fails loudly (key and certificate differ) rather than signing with the wrong key.
-        rename(self.pki("next-ca.key"), self.pki("ca.key"))?;
+        if self.pki("next-ca.key").exists() {
+            rename(self.pki("next-ca.key"), self.pki("ca.key"))?;
+        }
         rename(self.pki("next-ca.crt"), self.pki("ca.crt"))?;
         let tls = self.load_tls()?;
         let admin = Ca::load(&tls.ca)?.admin_cert(now)?;
@@ -384,5 +391,127 @@ impl BrokerConfig {
             limits: crate::limits::Limits::default(),
             certificates: CertificatesConfig::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployed() -> (tempfile::TempDir, DataDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(tmp.path());
+        let config = BrokerConfig::new(
+            "127.0.0.1:7443".parse().unwrap(),
+            "127.0.0.1:7443".into(),
+            &StoreSpec::Embedded,
+        );
+        dir.init(SystemTime::now(), &config, &["127.0.0.1".into()])
+            .unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_rotation_signs_with_the_new_ca_trusts_both_then_retires_the_old() {
+        let (_tmp, dir) = deployed();
+        let before = dir.load_tls().unwrap();
+        assert!(!dir.rotating());
+        assert!(matches!(
+            dir.finish_rotation(SystemTime::now()),
+            Err(DeployError::NoRotation(_))
+        ));
+        let (during, _) = dir.start_rotation(SystemTime::now()).unwrap();
+        assert!(dir.rotating());
+        assert_ne!(during.ca, before.ca);
+        assert_eq!(
+            during.retiring_ca.as_deref(),
+            Some(before.ca.cert_pem.as_str())
+        );
+        assert_eq!(
+            during.server, before.server,
+            "the server keeps its certificate"
+        );
+        assert_eq!(dir.load_tls().unwrap(), during);
+        assert!(matches!(
+            dir.start_rotation(SystemTime::now()),
+            Err(DeployError::RotationUnderWay(_))
+        ));
+        let (after, _) = dir.finish_rotation(SystemTime::now()).unwrap();
+        assert!(!dir.rotating());
+        assert_eq!(after.ca, during.ca);
+        assert_eq!(after.retiring_ca, None);
+        assert_ne!(after.server, before.server);
+        // The new server certificate is the new CA's, and loads with its key.
+        Trust::new(&after.ca, None).unwrap();
+        crate::pki::Ca::load(&after.ca).unwrap();
+        assert_eq!(dir.load_tls().unwrap(), after);
+    }
+
+    #[test]
+    fn a_rotation_start_cut_short_is_completed_by_the_next() {
+        let (_tmp, dir) = deployed();
+        let before = dir.load_tls().unwrap();
+        // Cut short after the key was moved, before the certificate was.
+        let next = new_ca(SystemTime::now()).unwrap();
+        write_atomic(&dir.pki("next-ca.key"), next.key_pem.as_bytes(), 0o600).unwrap();
+        write_atomic(&dir.pki("next-ca.crt"), next.cert_pem.as_bytes(), 0o644).unwrap();
+        write_atomic(
+            &dir.pki("retiring-ca.crt"),
+            before.ca.cert_pem.as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        std::fs::rename(dir.pki("next-ca.key"), dir.pki("ca.key")).unwrap();
+        // Loading says what is wrong and how to mend it.
+        let e = Trust::new(&dir.load_tls().unwrap().ca, None).err().unwrap();
+        assert!(e.to_string().contains("run it again"), "{e}");
+        // Mended: the key being staged no more, the certificate is.
+        let (tls, _) = dir.start_rotation(SystemTime::now()).unwrap();
+        assert_eq!(tls.ca, next);
+        assert_eq!(
+            tls.retiring_ca.as_deref(),
+            Some(before.ca.cert_pem.as_str())
+        );
+    }
+
+    #[test]
+    fn certificate_settings_are_checked_with_a_clear_error() {
+        let ok = CertificatesConfig {
+            validity: Some("30d".into()),
+            renewal_grace: Some("2h".into()),
+        }
+        .policy()
+        .unwrap();
+        assert_eq!(ok.validity, std::time::Duration::from_secs(30 * 24 * 3600));
+        for (validity, grace, says) in [
+            (
+                Some("10m"),
+                None,
+                "certificates.validity \"10m\" is out of range",
+            ),
+            (Some("20y"), None, "out of range"),
+            (
+                None,
+                Some("10s"),
+                "certificates.renewalGrace \"10s\" is out of range",
+            ),
+            (Some("2h"), Some("2h"), "must be under half"),
+            (Some("a year"), None, "certificates.validity \"a year\""),
+        ] {
+            let e = CertificatesConfig {
+                validity: validity.map(str::to_owned),
+                renewal_grace: grace.map(str::to_owned),
+            }
+            .policy()
+            .unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        assert_eq!(
+            CertificatesConfig::default()
+                .policy()
+                .unwrap()
+                .renewal_grace,
+            crate::service::CertificatePolicy::default().renewal_grace
+        );
     }
 }

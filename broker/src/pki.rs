@@ -413,6 +413,95 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn a_rotation_trusts_two_cas_and_names_the_retiring_one() {
+        let now = SystemTime::now();
+        let (old, new) = (new_ca(now).unwrap(), new_ca(now).unwrap());
+        let issuer = |ca: &CertAndKey| {
+            let (_, spki) = new_client_key().unwrap();
+            let (pem, _) = Ca::load(ca)
+                .unwrap()
+                .sign_cluster(now, LEAF_VALIDITY, &"east".parse().unwrap(), &spki)
+                .unwrap();
+            peer_of(&rustls_pemfile_der(&pem)).unwrap().issuer
+        };
+        let (from_old, from_new) = (issuer(&old), issuer(&new));
+        assert_ne!(from_old, from_new, "each CA has a name of its own");
+        let steady = Trust::new(&old, None).unwrap();
+        assert!(steady.check_issuer(&from_old).is_ok());
+        assert!(matches!(
+            steady.check_issuer(&from_new),
+            Err(PkiError::RetiredCa)
+        ));
+        assert!(!steady.is_retiring(&from_old));
+        let rotating = Trust::new(&new, Some(&old.cert_pem)).unwrap();
+        assert!(rotating.check_issuer(&from_old).is_ok());
+        assert!(rotating.check_issuer(&from_new).is_ok());
+        assert!(rotating.is_retiring(&from_old));
+        assert!(!rotating.is_retiring(&from_new));
+        assert_eq!(
+            certificates_der(&rotating.bundle_pem, "bundle")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(rotating.bundle_pem.starts_with(new.cert_pem.trim()));
+        let finished = Trust::new(&new, None).unwrap();
+        assert!(matches!(
+            finished.check_issuer(&from_old),
+            Err(PkiError::RetiredCa)
+        ));
+    }
+
+    #[test]
+    fn a_ca_key_that_is_not_the_certificates_is_refused() {
+        let now = SystemTime::now();
+        let (a, b) = (new_ca(now).unwrap(), new_ca(now).unwrap());
+        let mixed = CertAndKey {
+            cert_pem: a.cert_pem.clone(),
+            key_pem: b.key_pem.clone(),
+        };
+        assert!(matches!(Ca::load(&mixed), Err(PkiError::KeyMismatch)));
+        assert!(format!("{mixed:?}").contains("<redacted>"));
+        assert!(!format!("{mixed:?}").contains(b.key_pem.trim()));
+    }
+
+    #[test]
+    fn a_reissued_server_certificate_keeps_the_names() {
+        let now = SystemTime::now();
+        let old = Ca::load(&new_ca(now).unwrap()).unwrap();
+        let new = Ca::load(&new_ca(now).unwrap()).unwrap();
+        let server = old
+            .server_cert(
+                now,
+                &[
+                    "10.0.0.1".into(),
+                    "broker.example.com".into(),
+                    "fd00::1".into(),
+                ],
+            )
+            .unwrap();
+        let again = new.reissue_server_cert(now, &server.cert_pem).unwrap();
+        let names = |pem: &str| {
+            use x509_parser::prelude::*;
+            let der = rustls_pemfile_der(pem);
+            let (_, c) = X509Certificate::from_der(&der).unwrap();
+            let mut v: Vec<String> = c
+                .subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&server.cert_pem), names(&again.cert_pem));
+        assert_eq!(names(&again.cert_pem).len(), 4);
+    }
+
     fn rustls_pemfile_der(pem: &str) -> Vec<u8> {
         use base64::Engine;
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();

@@ -282,22 +282,54 @@ fn write_admin(dir: &DataDir, tls: &BrokerTls, admin: CertAndKey) -> Result<()> 
     Ok(())
 }
 
+/// Waits (up to 10 s) until the CA bundle the broker reports (asked with `creds`, which it
+/// trusted before the step) passes `done`: whether a running broker picked a rotation step up.
+async fn broker_reloaded(creds: &Credentials, done: impl Fn(&str) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut c) = connect_with(creds).await
+            && let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(2), c.who_am_i(proto::WhoAmIRequest {}))
+                    .await
+            && done(&r.get_ref().ca_certificate_pem)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
 async fn rotate_start(a: RotateArgs) -> Result<()> {
     let dir = DataDir::new(&a.data_dir);
     dir.load_config()?;
+    // The admin credentials of the old CA: to ask the running broker when it has the new one.
+    let old_admin = Credentials::read(&dir.admin_path()).ok();
     let (tls, admin) = dir
         .start_rotation(SystemTime::now())
         .context("Failed to start the CA rotation")?;
     write_admin(&dir, &tls, admin)?;
+    let picked_up = match &old_admin {
+        Some(c) => broker_reloaded(c, |b| b.contains(tls.ca.cert_pem.trim())).await,
+        None => false,
+    };
     print(&format!(
         "CA rotation started in {dir}: a new CA signs from now on; the old one stays trusted.\n\
-         A running broker picks it up within {poll}s; brokers sharing the store need a copy of pki/.\n\
+         {running}\n\
          Each cluster's components renew onto the new CA by themselves (within a minute or so).\n\
          Follow it:  clusterlink broker rotate-ca status --data-dir {dir}\n\
          Then:       clusterlink broker rotate-ca finish --data-dir {dir}\n\
          {admin} was rewritten with a certificate of the new CA.\n",
         dir = dir.root.display(),
-        poll = TLS_POLL.as_secs(),
+        running = if picked_up {
+            "The running broker has picked it up. Brokers sharing the store need a copy of pki/."
+                .to_owned()
+        } else {
+            format!(
+                "No broker answered with the new CA yet: one that runs picks it up within {}s of seeing it. Brokers sharing the store need a copy of pki/.",
+                TLS_POLL.as_secs()
+            )
+        },
         admin = dir.admin_path().display(),
     ));
     Ok(())
@@ -391,13 +423,27 @@ async fn rotate_finish(a: FinishArgs) -> Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot ask the broker; retiring the old CA anyway"),
     }
+    let during = Credentials::read(&dir.admin_path()).ok();
+    let retiring = dir.load_tls()?.retiring_ca.unwrap_or_default();
     let (tls, admin) = dir
         .finish_rotation(SystemTime::now())
         .context("Failed to finish the CA rotation")?;
     write_admin(&dir, &tls, admin)?;
+    let picked_up = match &during {
+        Some(c) => broker_reloaded(c, |b| !b.contains(retiring.trim())).await,
+        None => false,
+    };
     print(&format!(
-        "CA rotation finished in {dir}: the old CA is no longer trusted; the server presents a certificate of the new one.\n",
-        dir = dir.root.display()
+        "CA rotation finished in {dir}: the old CA is no longer trusted; the server presents a certificate of the new one.\n{running}\n",
+        dir = dir.root.display(),
+        running = if picked_up {
+            "The running broker has picked it up.".to_owned()
+        } else {
+            format!(
+                "No broker answered without the old CA yet: one that runs picks it up within {}s of seeing it.",
+                TLS_POLL.as_secs()
+            )
+        }
     ));
     Ok(())
 }

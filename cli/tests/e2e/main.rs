@@ -8,6 +8,7 @@
 //! - [`redundancy`]: several gateways per cluster: election, failover, hand-over.
 //! - [`routes`]: route agents: pod to pod across clusters, repair, re-point, cleanup.
 //! - [`discovery`]: `clusterset.local` from pods, the export path and its conditions.
+//! - [`certificates`]: a CA rotation under traffic: renewals without restarts or loss.
 //! - [`hardening`]: bounded shutdown with clients attached, crash-safe join, honest outputs.
 //! - [`lab`]: `clusterlink lab up|status|exec|down` as an operator runs it.
 
@@ -16,6 +17,7 @@
 mod support;
 
 mod broker;
+mod certificates;
 mod dataplane;
 mod discovery;
 mod hardening;

@@ -1,0 +1,256 @@
+//! Certificates that rotate while the cluster set runs (needs root): `broker rotate-ca`
+//! with pods pinging each other across the tunnel the whole time. Every component (gateways,
+//! route agents, DNS plugins) renews onto the new CA by itself and saves it; none restarts;
+//! no packet is lost.
+//!
+//! ```text
+//!   a: a-gw0, a-w1 ──wan── b: b-gw0, b-w1        broker (embedded) in its own namespace
+//!   a-w1's pod ── ping every 10 ms ──> b-w1's pod, from before `start` to after `finish`
+//! ```
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clusterlink_lab::{ClusterSpec, Lab, Testbed, wait_until};
+
+use crate::support::{BIN, ping};
+
+fn spec(name: &str) -> ClusterSpec {
+    ClusterSpec {
+        name: name.into(),
+        gateways: 1,
+        workers: 1,
+        nat: false,
+    }
+}
+
+/// The issuer of a credentials file's certificate.
+fn issuer(creds: &Path) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate, parse_x509_pem};
+    let c = clusterlink_broker_client::Credentials::read(creds).unwrap();
+    let (_, pem) = parse_x509_pem(c.certificate.as_bytes()).unwrap();
+    let (_, cert) = X509Certificate::from_der(&pem.contents).unwrap();
+    cert.issuer().to_string()
+}
+
+#[test]
+fn a_ca_rotation_under_traffic_loses_nothing_and_restarts_nothing() {
+    // Components look at their credentials every second (a minute by default).
+    let bed = Testbed::new()
+        .expect("testbed (needs root)")
+        .with_env("CLUSTERLINK_CREDENTIALS_CHECK_INTERVAL", "1s");
+    let mut lab = Lab::up_in(bed, Path::new(BIN), &[spec("a"), spec("b")], &|_| {})
+        .expect("lab up (needs root)");
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    lab.wait_routes(Duration::from_secs(30)).unwrap();
+    let (a_pod, b_pod) = (lab.worker(0).pod.clone(), lab.worker(1).pod.clone());
+    let b_addr = b_pod.address.to_string();
+    wait_until("pods to reach each other", Duration::from_secs(20), || {
+        ping(&a_pod.ns(), &b_addr)
+    })
+    .unwrap();
+    let pids_before = lab.state.pids();
+    let agent_before = lab.state.clusters[1].nodes[1].agent_pid;
+    let creds: Vec<_> = lab
+        .state
+        .clusters
+        .iter()
+        .map(|c| c.credentials.clone())
+        .collect();
+    let old_issuer = issuer(&creds[0]);
+
+    // Pods ping each other through the tunnel for the whole rotation.
+    let pinger = a_pod
+        .ns()
+        .command("ping")
+        .args(["-i", "0.01", "-W", "1", &b_addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let data_dir = lab.state.dir.join("broker");
+    let dir = data_dir.display().to_string();
+    let out = lab
+        .clusterlink(&["broker", "rotate-ca", "start", "--data-dir", &dir])
+        .unwrap();
+    assert!(out.contains("CA rotation started"), "{out}");
+    // Refused while clusters are on the old CA... until every component has renewed.
+    wait_until(
+        "every cluster to renew onto the new CA",
+        Duration::from_secs(30),
+        || {
+            lab.clusterlink(&["broker", "rotate-ca", "status", "--data-dir", &dir])
+                .is_ok_and(|s| s.contains("Every cluster holds a certificate of the new CA"))
+        },
+    )
+    .unwrap();
+    for c in &creds {
+        assert_ne!(
+            issuer(c),
+            old_issuer,
+            "{} was renewed and saved",
+            c.display()
+        );
+    }
+    let out = lab
+        .clusterlink(&["broker", "rotate-ca", "finish", "--data-dir", &dir])
+        .unwrap();
+    assert!(out.contains("CA rotation finished"), "{out}");
+    // The components follow the CA bundle (the old CA dropped from what they trust).
+    wait_until(
+        "the credentials files to trust the new CA only",
+        Duration::from_secs(30),
+        || {
+            creds.iter().all(|c| {
+                clusterlink_broker_client::Credentials::read(c)
+                    .is_ok_and(|c| c.ca_certificate.matches("BEGIN CERTIFICATE").count() == 1)
+            })
+        },
+    )
+    .unwrap();
+
+    // Still one mesh: statuses flow through the broker (with the new certificates) and a
+    // route agent started now (from the saved file, against the new server certificate)
+    // programs its routes.
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    lab.stop_agent(1, 1).expect("b's worker agent stops");
+    lab.start_agent(1, 1, false).unwrap();
+    lab.wait_routes(Duration::from_secs(30)).unwrap();
+    assert!(ping(&a_pod.ns(), &b_addr));
+
+    // Not a packet lost, not a process restarted (but the agent restarted on purpose).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pinger.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = pinger.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {summary}"));
+    let count = |what: &str| -> u64 {
+        line.split(',')
+            .find(|p| p.contains(what))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{what} in {line:?}"))
+    };
+    let (sent, received) = (count("transmitted"), count("received"));
+    assert!(
+        sent > 50,
+        "pings from before the start to after the finish: {line}"
+    );
+    // The interrupt may come with the last echo still in flight: every echo before it had
+    // its reply.
+    let replied: std::collections::BTreeSet<u64> = summary
+        .lines()
+        .filter_map(|l| {
+            l.split("icmp_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let lost: Vec<u64> = (1..sent).filter(|s| !replied.contains(s)).collect();
+    assert!(
+        lost.is_empty(),
+        "echoes {lost:?} lost during the rotation: {line}"
+    );
+    assert!(received + 1 >= sent, "{line}");
+    // Every process of the lab from before the rotation still runs (the agent restarted on
+    // purpose aside): nothing restarted to pick up its new certificate.
+    for p in pids_before {
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let running = state
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+        assert!(
+            running || p == agent_before,
+            "process {p} died during the rotation"
+        );
+    }
+}
+
+/// The operator's side, with no component running (so no cluster renews): what `rotate-ca`
+/// refuses, and what `--force` costs.
+#[test]
+fn rotate_ca_refuses_to_retire_a_ca_still_in_use_unless_forced() {
+    use crate::broker::{BrokerProc, clusterlink, deploy, fails, ok};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _port = deploy(dir, &[]);
+    let _broker = BrokerProc::start(dir, "broker");
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+            "-o",
+            "east.yaml",
+        ],
+    ));
+    let show = |creds: &str| clusterlink(dir, &["show", "clusters", "--credentials", creds]);
+    ok(&show("east.yaml"));
+    let err = fails(&clusterlink(
+        dir,
+        &["broker", "rotate-ca", "finish", "--data-dir", "broker"],
+    ));
+    assert!(err.contains("no CA rotation is under way"), "{err}");
+    let out = ok(&clusterlink(
+        dir,
+        &["broker", "rotate-ca", "start", "--data-dir", "broker"],
+    ));
+    assert!(out.contains("CA rotation started"), "{out}");
+    let err = fails(&clusterlink(
+        dir,
+        &["broker", "rotate-ca", "start", "--data-dir", "broker"],
+    ));
+    assert!(err.contains("already under way"), "{err}");
+    // The rewritten admin credentials (new CA) work against the running broker, and so do
+    // east's (old CA) during the overlap.
+    // `start` waits for the running broker to pick the new CA up (a client refused under
+    // TLS 1.3 learns it only at its first read: better not to try too early).
+    assert!(out.contains("The running broker has picked it up"), "{out}");
+    ok(&show("broker/admin.yaml"));
+    ok(&show("east.yaml"));
+    let status = ok(&clusterlink(
+        dir,
+        &["broker", "rotate-ca", "status", "--data-dir", "broker"],
+    ));
+    assert!(status.contains("east\told CA"), "{status}");
+    let err = fails(&clusterlink(
+        dir,
+        &["broker", "rotate-ca", "finish", "--data-dir", "broker"],
+    ));
+    assert!(
+        err.contains("still hold a certificate of the old CA: east"),
+        "{err}"
+    );
+    let out = ok(&clusterlink(
+        dir,
+        &[
+            "broker",
+            "rotate-ca",
+            "finish",
+            "--data-dir",
+            "broker",
+            "--force",
+        ],
+    ));
+    assert!(out.contains("The running broker has picked it up"), "{out}");
+    // east never renewed: it is cut off; the admin is not.
+    fails(&show("east.yaml"));
+    ok(&show("broker/admin.yaml"));
+}
