@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::pki::{Ca, CertAndKey, PkiError, Trust, new_ca};
+use crate::pki::{Ca, CertAndKey, PkiError, new_ca};
 use crate::server::BrokerTls;
 use crate::store::embedded::EmbeddedOptions;
 use crate::store::{EmbeddedStore, EtcdStore, StoreError};
@@ -397,6 +397,7 @@ impl BrokerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::Trust;
 
     fn deployed() -> (tempfile::TempDir, DataDir) {
         let tmp = tempfile::tempdir().unwrap();
