@@ -83,7 +83,7 @@ impl FromStr for StoreSpec {
             Ok(StoreSpec::Etcd(s.to_owned()))
         } else {
             Err(format!(
-                "{s:?} is not a store: use `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `etcds://HOST:PORT[,...]?ca=FILE&cert=FILE&key=FILE`"
+                "{s:?} is not a store: use `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `etcds://HOST:PORT[,...]?ca=FILE&cert=FILE&key=FILE`, either with `user=NAME&password-file=FILE` for etcd's own authentication"
             ))
         }
     }

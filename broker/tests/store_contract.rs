@@ -295,6 +295,122 @@ where
     drop(etcd);
 }
 
+/// An etcd with authentication on (`auth enable`), where the broker's user may touch its
+/// namespace only; the password in a file, as the broker is given it.
+struct EtcdWithAuth {
+    etcd: EtcdServer,
+    password_file: tempfile::NamedTempFile,
+}
+
+const NAMESPACE: &str = "/clusterlink-test";
+
+impl EtcdWithAuth {
+    async fn start() -> Self {
+        use etcd_client::{Client, Permission};
+        let etcd = EtcdServer::start().expect("start etcd (Debian etcd-server)");
+        let endpoint = format!("http://127.0.0.1:{}", etcd.client_port);
+        let mut c = Client::connect([endpoint], None).await.unwrap();
+        c.user_add("root", "root-secret", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.role_add("clusterlink").await.unwrap();
+        c.role_grant_permission(
+            "clusterlink",
+            Permission::read_write(format!("{NAMESPACE}/")).with_prefix(),
+        )
+        .await
+        .unwrap();
+        c.user_add("clusterlink", "broker-secret", None)
+            .await
+            .unwrap();
+        c.user_grant_role("clusterlink", "clusterlink")
+            .await
+            .unwrap();
+        c.auth_enable().await.unwrap();
+        let password_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(password_file.path(), "broker-secret\n").unwrap();
+        EtcdWithAuth {
+            etcd,
+            password_file,
+        }
+    }
+
+    fn url(&self, user: &str, password_file: &std::path::Path) -> String {
+        format!(
+            "etcd://127.0.0.1:{}?user={user}&password-file={}",
+            self.etcd.client_port,
+            password_file.display()
+        )
+    }
+}
+
+async fn run_etcd_auth<F, Fut>(test: F)
+where
+    F: FnOnce(EtcdStore) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let etcd = EtcdWithAuth::start().await;
+    let s = EtcdStore::connect(
+        &etcd.url("clusterlink", etcd.password_file.path()),
+        NAMESPACE,
+    )
+    .await
+    .unwrap();
+    test(s).await;
+    drop(etcd);
+}
+
+#[tokio::test]
+async fn etcd_with_auth_refuses_a_wrong_password_no_user_and_a_foreign_namespace() {
+    let etcd = EtcdWithAuth::start().await;
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), "not-it").unwrap();
+    let e = EtcdStore::connect(&etcd.url("clusterlink", wrong.path()), NAMESPACE)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("authentication failed"), "{e}");
+    let anonymous = format!("etcd://127.0.0.1:{}", etcd.etcd.client_port);
+    let e = EtcdStore::connect(&anonymous, NAMESPACE)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("user name is empty") || e.contains("permission"),
+        "{e}"
+    );
+    // A namespace the user has no access to: refused at connect, not at the first write.
+    let e = EtcdStore::connect(
+        &etcd.url("clusterlink", etcd.password_file.path()),
+        "/other",
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("permission denied"), "{e}");
+    // The password never goes in the URL; half the pair is refused.
+    for (url, says) in [
+        (
+            format!("{anonymous}?user=clusterlink&password=x"),
+            "password-file",
+        ),
+        (
+            format!("{anonymous}?user=clusterlink"),
+            "both user=NAME and password-file",
+        ),
+        (format!("{anonymous}?ca=/x"), "etcds:// only"),
+    ] {
+        let e = EtcdStore::connect(&url, NAMESPACE)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(says), "{url}: {e}");
+    }
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -304,6 +420,10 @@ macro_rules! contract {
         mod etcd {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::run_etcd(super::$name).await })*
+        }
+        mod etcd_auth {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::run_etcd_auth(super::$name).await })*
         }
         mod etcd_tls {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +476,7 @@ async fn etcd_over_tls_refuses_a_wrong_ca_a_missing_client_certificate_and_plain
         .unwrap()
         .to_string();
     assert!(e.contains("both cert=FILE and key=FILE"), "{e}");
-    let e = EtcdStore::connect(&format!("etcds://127.0.0.1:{port}?password=x"), "/x")
+    let e = EtcdStore::connect(&format!("etcds://127.0.0.1:{port}?pasword=x"), "/x")
         .await
         .err()
         .unwrap()

@@ -36,17 +36,19 @@ impl EtcdStore {
             ("https", rest)
         } else {
             return Err(bad(
-                "expected etcd://HOST:PORT[,HOST:PORT...] or etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE]".into(),
+                "expected etcd://HOST:PORT[,HOST:PORT...][?user=NAME&password-file=FILE] or etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE][&user=NAME&password-file=FILE]".into(),
             ));
         };
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let query = EtcdOptions::parse(query).map_err(&bad)?;
         let tls = if scheme == "https" {
-            Some(tls_options(query).map_err(bad)?)
-        } else if !query.is_empty() {
-            return Err(bad("options (?…) are for etcds:// only".into()));
+            Some(query.tls().map_err(&bad)?)
+        } else if query.ca.is_some() || query.cert.is_some() || query.key.is_some() {
+            return Err(bad("ca, cert and key are for etcds:// only".into()));
         } else {
             None
         };
+        let user = query.user().map_err(&bad)?;
         let endpoints: Vec<String> = rest
             .split(',')
             .filter(|s| !s.is_empty())
@@ -75,6 +77,13 @@ impl EtcdStore {
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }
+        if let Some((name, password)) = user {
+            // etcd's tokens expire (--auth-token-ttl, 5 minutes by default): a broker that
+            // runs for months gets a new one when told its token is stale.
+            options = options
+                .with_user(name, password)
+                .with_auto_token_refresh(true);
+        }
         let failed = |e: etcd_client::Error| {
             if secure {
                 StoreError::EtcdTls {
@@ -91,11 +100,18 @@ impl EtcdStore {
         let mut client = Client::connect(&endpoints, Some(options))
             .await
             .map_err(failed)?;
-        // Connecting is lazy; make one request so an unreachable etcd (or one whose
-        // certificate is not trusted, or that does not trust ours) fails here, clearly.
-        client.status().await.map_err(failed)?;
         let mut namespace = namespace.trim_end_matches('/').to_owned();
         namespace.push('/');
+        // Connecting is lazy; make one read of the namespace so an unreachable etcd (or one
+        // whose certificate is not trusted, that does not trust ours, that refuses the user,
+        // or that gives it no access to the namespace) fails here, clearly.
+        client
+            .get(
+                namespace.as_str(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(failed)?;
         Ok(Self {
             client,
             endpoints: joined,
@@ -352,40 +368,90 @@ impl Store for EtcdStore {
     }
 }
 
-/// TLS for `etcds://`: `ca=FILE` (the CA that signed etcd's certificate) and, for an etcd
-/// that checks clients (`--client-cert-auth`), `cert=FILE&key=FILE`.
-fn tls_options(query: &str) -> Result<etcd_client::TlsOptions, String> {
-    let mut ca = None;
-    let mut cert = None;
-    let mut key = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("{pair:?} is not NAME=VALUE"))?;
-        let slot = match k {
-            "ca" => &mut ca,
-            "cert" => &mut cert,
-            "key" => &mut key,
-            other => return Err(format!("unknown option {other:?} (ca, cert, key)")),
-        };
-        *slot = Some(std::path::PathBuf::from(v));
-    }
-    let read = |what: &str, p: &std::path::Path| {
-        clusterlink_broker_client::fs::read_limited(p, 1024 * 1024)
-            .map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
-    };
-    let ca = ca.ok_or("etcds:// needs ca=FILE, the CA of etcd's certificate")?;
-    let mut tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(read("CA", &ca)?));
-    match (cert, key) {
-        (Some(c), Some(k)) => {
-            tls = tls.identity(etcd_client::Identity::from_pem(
-                read("client certificate", &c)?,
-                read("client key", &k)?,
-            ));
+/// The options of a store URL (`?NAME=VALUE&...`): for `etcds://`, `ca=FILE` (the CA that
+/// signed etcd's certificate) and, for an etcd that checks clients (`--client-cert-auth`),
+/// `cert=FILE&key=FILE`; for either scheme, etcd's own authentication with
+/// `user=NAME&password-file=FILE` (the password is never written in the URL, which lands in
+/// broker.yaml and in process listings).
+#[derive(Debug, Default)]
+struct EtcdOptions {
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+    user: Option<String>,
+    password_file: Option<std::path::PathBuf>,
+}
+
+fn read_option_file(what: &str, p: &std::path::Path) -> Result<String, String> {
+    clusterlink_broker_client::fs::read_limited(p, 1024 * 1024)
+        .map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
+}
+
+impl EtcdOptions {
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut o = EtcdOptions::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not NAME=VALUE"))?;
+            if v.is_empty() {
+                return Err(format!("option {k} has no value"));
+            }
+            match k {
+                "ca" => o.ca = Some(v.into()),
+                "cert" => o.cert = Some(v.into()),
+                "key" => o.key = Some(v.into()),
+                "user" => o.user = Some(v.to_owned()),
+                "password-file" => o.password_file = Some(v.into()),
+                "password" => {
+                    return Err(
+                        "give the password in a file (password-file=FILE), not in the URL".into(),
+                    );
+                }
+                other => {
+                    return Err(format!(
+                        "unknown option {other:?} (ca, cert, key, user, password-file)"
+                    ));
+                }
+            }
         }
-        (None, None) => {}
-        _ => return Err("give both cert=FILE and key=FILE, or neither".into()),
+        Ok(o)
     }
-    Ok(tls)
+
+    fn tls(&self) -> Result<etcd_client::TlsOptions, String> {
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or("etcds:// needs ca=FILE, the CA of etcd's certificate")?;
+        let mut tls = etcd_client::TlsOptions::new().ca_certificate(
+            etcd_client::Certificate::from_pem(read_option_file("CA", ca)?),
+        );
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                tls = tls.identity(etcd_client::Identity::from_pem(
+                    read_option_file("client certificate", c)?,
+                    read_option_file("client key", k)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("give both cert=FILE and key=FILE, or neither".into()),
+        }
+        Ok(tls)
+    }
+
+    /// The user and the password (the file's first line).
+    fn user(&self) -> Result<Option<(String, String)>, String> {
+        match (&self.user, &self.password_file) {
+            (Some(u), Some(f)) => {
+                let text = read_option_file("password file", f)?;
+                let password = text.lines().next().unwrap_or_default().to_owned();
+                if password.is_empty() {
+                    return Err(format!("the password file {} is empty", f.display()));
+                }
+                Ok(Some((u.clone(), password)))
+            }
+            (None, None) => Ok(None),
+            _ => Err("give both user=NAME and password-file=FILE, or neither".into()),
+        }
+    }
 }
