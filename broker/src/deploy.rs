@@ -304,6 +304,58 @@ impl DataDir {
         })
     }
 
+    /// Renews what the broker itself holds before it expires: its server certificate (same
+    /// names, same CA) and the admin credentials, each at two thirds of its life, as the
+    /// clusters' components do theirs. Returns what was renewed. The running broker picks a
+    /// new server certificate up like any other TLS change.
+    pub fn renew_own_certificates(
+        &self,
+        now: SystemTime,
+    ) -> Result<Vec<&'static str>, DeployError> {
+        use clusterlink_broker_client::renew::{Action, decide, validity};
+        let due = |pem: &str| {
+            validity(pem).is_ok_and(|v| matches!(decide(now, v, None, ""), Action::Renew(_)))
+        };
+        let tls = self.load_tls()?;
+        let ca = Ca::load(&tls.ca)?;
+        let mut renewed = Vec::new();
+        if due(&tls.server.cert_pem) {
+            let server = ca.reissue_server_cert(now, &tls.server.cert_pem)?;
+            self.replace_server_cert(&server)?;
+            renewed.push("the broker's server certificate");
+        }
+        let admin_path = self.admin_path();
+        if let Ok(admin) = clusterlink_broker_client::Credentials::read(&admin_path)
+            && due(&admin.certificate)
+        {
+            let fresh = ca.admin_cert(now)?;
+            clusterlink_broker_client::Credentials {
+                certificate: fresh.cert_pem,
+                private_key: fresh.key_pem,
+                ..admin
+            }
+            .write(&admin_path)?;
+            renewed.push("the admin credentials");
+        }
+        Ok(renewed)
+    }
+
+    /// Puts a new server certificate and key in place (each written aside, then renamed).
+    fn replace_server_cert(&self, server: &CertAndKey) -> Result<(), DeployError> {
+        let write = |path: PathBuf, text: &str, mode| {
+            write_atomic(&path, text.as_bytes(), mode)
+                .map_err(|source| FileError::Write { path, source })
+        };
+        write(self.pki("next-server.key"), &server.key_pem, 0o600)?;
+        write(self.pki("next-server.crt"), &server.cert_pem, 0o644)?;
+        for name in ["server.key", "server.crt"] {
+            let to = self.pki(name);
+            std::fs::rename(self.pki(&format!("next-{name}")), &to)
+                .map_err(|source| FileError::Write { path: to, source })?;
+        }
+        Ok(())
+    }
+
     /// Is a CA rotation under way?
     pub fn rotating(&self) -> bool {
         self.pki("retiring-ca.crt").exists()
@@ -361,17 +413,7 @@ impl DataDir {
         let tls = self.load_tls()?;
         let ca = Ca::load(&tls.ca)?;
         let server = ca.reissue_server_cert(now, &tls.server.cert_pem)?;
-        let write = |path: PathBuf, text: &str, mode| {
-            write_atomic(&path, text.as_bytes(), mode)
-                .map_err(|source| FileError::Write { path, source })
-        };
-        write(self.pki("next-server.key"), &server.key_pem, 0o600)?;
-        write(self.pki("next-server.crt"), &server.cert_pem, 0o644)?;
-        for name in ["server.key", "server.crt"] {
-            let to = self.pki(name);
-            std::fs::rename(self.pki(&format!("next-{name}")), &to)
-                .map_err(|source| FileError::Write { path: to, source })?;
-        }
+        self.replace_server_cert(&server)?;
         let path = self.pki("retiring-ca.crt");
         std::fs::remove_file(&path).map_err(|source| FileError::Write { path, source })?;
         let tls = self.load_tls()?;
@@ -446,6 +488,27 @@ mod tests {
         Trust::new(&after.ca, None).unwrap();
         crate::pki::Ca::load(&after.ca).unwrap();
         assert_eq!(dir.load_tls().unwrap(), after);
+    }
+
+    #[test]
+    fn the_broker_renews_its_own_certificates_at_two_thirds_of_their_life() {
+        let (_tmp, dir) = deployed();
+        let before = dir.load_tls().unwrap();
+        let admin = clusterlink_broker_client::Credentials::read(&dir.admin_path()).ok();
+        let now = SystemTime::now();
+        assert!(dir.renew_own_certificates(now).unwrap().is_empty());
+        let later = now + std::time::Duration::from_secs(250 * 24 * 3600);
+        let renewed = dir.renew_own_certificates(later).unwrap();
+        assert_eq!(
+            renewed.len(),
+            if admin.is_some() { 2 } else { 1 },
+            "{renewed:?}"
+        );
+        let after = dir.load_tls().unwrap();
+        assert_ne!(after.server, before.server);
+        assert_eq!(after.ca, before.ca);
+        // Renewed once: not again at the same moment.
+        assert!(dir.renew_own_certificates(later).unwrap().is_empty());
     }
 
     #[test]

@@ -233,11 +233,24 @@ const TLS_POLL: Duration = Duration::from_secs(2);
 
 /// Reads the data directory's TLS material every [`TLS_POLL`] and sends it when it changed
 /// (a `rotate-ca` step); material that does not load is reported once and not sent.
+/// How often the broker looks whether its own certificates (server, admin) are due.
+const OWN_CERTIFICATES_CHECK: Duration = Duration::from_secs(3600);
+
+/// Also renews the broker's own certificates when due (checked at start, then hourly).
 async fn watch_tls(dir: DataDir, tx: tokio::sync::watch::Sender<BrokerTls>) {
     let mut last_error = String::new();
+    let mut own = tokio::time::interval(OWN_CERTIFICATES_CHECK);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TLS_POLL) => {}
+            _ = own.tick() => match dir.renew_own_certificates(SystemTime::now()) {
+                Ok(renewed) => {
+                    for what in renewed {
+                        info!(what, "renewed before it expires");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot renew the broker's own certificates"),
+            },
             _ = tx.closed() => return,
         }
         match dir.load_tls() {
