@@ -328,6 +328,11 @@ pub struct BrokerService<S: Store> {
     audit: Arc<audit::Audit>,
     rates: Arc<std::sync::Mutex<RateLimiter>>,
     started: tokio::time::Instant,
+    /// Joins through this broker one at a time: each reads the whole registry and commits
+    /// only if nothing changed meanwhile, so concurrent joins would mostly retry (a burst
+    /// of a thousand ran out of retries). Joins through other brokers (etcd) still race,
+    /// and the guarded commit settles those.
+    joining: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn token_key(token: &str) -> String {
@@ -393,6 +398,7 @@ impl<S: Store> BrokerService<S> {
             audit: Arc::default(),
             rates: Arc::default(),
             started: tokio::time::Instant::now(),
+            joining: Arc::default(),
         };
         svc.follow_registry().await?;
         for kind in [Kind::Gateways, Kind::Services, Kind::Connections] {
@@ -713,6 +719,7 @@ impl<S: Store> BrokerService<S> {
             .cluster
             .ok_or(ValidationError::Missing("cluster"))?
             .try_into()?;
+        let _one_at_a_time = self.joining.lock().await;
         core::check_cidrs(&cluster, &self.infrastructure(local).await?)?;
         let tkey = token_key(&req.token);
         for _ in 0..16 {
