@@ -10,6 +10,7 @@ packages=(
   wireguard-tools wireguard-go        # interop peers for the gateway
   iperf3 dnsutils iputils-ping        # throughput, DNS (dig) and reachability checks
   knot dnsperf                        # the DNS benchmark's reference server and load generator
+  podman runc debootstrap             # the container image: built and run by the tests
   ca-certificates build-essential pkg-config
 )
 

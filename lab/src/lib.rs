@@ -5,6 +5,8 @@
 //! ever created or changed in the host's own network namespace: veth pairs are made inside a
 //! namespace with their peer placed directly in another.
 
+pub mod checks;
+pub mod container;
 pub mod invoke;
 pub mod lab;
 pub mod netns;

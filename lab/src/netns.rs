@@ -176,6 +176,10 @@ pub struct Testbed {
     keep_logs: Option<tempfile_dir::Dir>,
     /// Set in the environment of every process spawned.
     env: Vec<(String, String)>,
+    /// Components run from this image rather than the host's binary.
+    containers: Option<crate::container::ContainerRunner>,
+    /// Containers started, removed on drop (killing their `podman run` leaves them running).
+    container_names: Mutex<Vec<String>>,
 }
 
 mod tempfile_dir {
@@ -210,7 +214,16 @@ impl Testbed {
             keep_logs: Some(tempfile_dir::Dir(log_dir.clone())),
             log_dir,
             env: Vec::new(),
+            containers: None,
+            container_names: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Runs the components spawned from now on (gateways, route agents, DNS plugins) from
+    /// an image, with only the capabilities their manifests grant.
+    pub fn with_containers(mut self, runner: crate::container::ContainerRunner) -> Self {
+        self.containers = Some(runner);
+        self
     }
 
     /// Sets `key=value` in the environment of every process spawned from now on (a test's
@@ -269,10 +282,23 @@ impl Testbed {
             command: "dup log".into(),
             source,
         })?;
-        let child = ns
-            .command(program)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        let mut command = match (&self.containers, crate::container::grant_of(args)) {
+            (Some(runner), Some(grant)) => {
+                let name = format!("{}{log}", self.prefix);
+                runner.remove(&name);
+                self.container_names
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(name.clone());
+                runner.command(&name, &ns.name, grant, &self.log_dir, &self.env, args)
+            }
+            _ => {
+                let mut c = ns.command(program);
+                c.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+                c
+            }
+        };
+        let child = command
             // Its own process group: a Ctrl-C meant for whoever started it does not reach it.
             .process_group(0)
             .stdin(Stdio::null())
@@ -382,6 +408,16 @@ impl Drop for Testbed {
         for mut c in std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner())) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(runner) = &self.containers {
+            for name in std::mem::take(
+                &mut *self
+                    .container_names
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ) {
+                runner.remove(&name);
+            }
         }
         for ns in std::mem::take(&mut *self.namespaces.lock().unwrap_or_else(|p| p.into_inner()))
             .into_iter()

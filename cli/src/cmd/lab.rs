@@ -8,9 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use clusterlink_broker_client::files::MAX_FILE_BYTES;
 use clusterlink_broker_client::fs::read_limited;
-use clusterlink_lab::lab::{
-    ECHO_NAME, LAB_PREFIX, LabProcess, LabState, echo_roundtrip, is_lab_process, resolve,
-};
+use clusterlink_lab::checks::{Discovery, Reach};
+use clusterlink_lab::lab::{ECHO_NAME, LAB_PREFIX, LabProcess, LabState, is_lab_process};
 use clusterlink_lab::netns::{ip, remove_namespace, sweep_stale};
 use clusterlink_lab::{ClusterSpec, Lab, Netns, Role, Testbed};
 use serde::Serialize;
@@ -199,17 +198,23 @@ fn up(a: UpArgs) -> Result<()> {
     lab.wait_routes(Duration::from_secs(30))
         .context("Not every route agent programmed its routes; see the logs")?;
     progress("checking pod-to-pod reachability between every pair of clusters");
-    let matrix = reachability(&lab.state);
+    let matrix: Vec<ReachRow> = clusterlink_lab::checks::reachability(&lab.state)
+        .into_iter()
+        .map(ReachRow)
+        .collect();
     progress("waiting for the demo service to resolve in every cluster");
     let resolved = lab.wait_services(Duration::from_secs(20));
-    let discovery = discovery(&lab.state);
+    let discovery: Vec<DiscoveryRow> = clusterlink_lab::checks::discovery(&lab.state)
+        .into_iter()
+        .map(DiscoveryRow)
+        .collect();
     std::fs::create_dir_all(&a.dir.lab_dir)?;
     std::fs::write(
         state_path(&a.dir),
         serde_json::to_string_pretty(&lab.state)?,
     )?;
-    let failed = matrix.iter().filter(|r| !r.ok).count()
-        + discovery.iter().filter(|d| !d.ok).count()
+    let failed = matrix.iter().filter(|r| !r.0.ok).count()
+        + discovery.iter().filter(|d| !d.0.ok).count()
         + usize::from(resolved.is_err());
     print(&describe(&lab.state));
     print("\nReachability (pod on a worker node to pod on a worker node, across clusters):\n");
@@ -233,106 +238,44 @@ fn up(a: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// A reachability check, as `lab up` shows it.
 #[derive(Serialize)]
-struct Reach {
-    from: String,
-    to: String,
-    address: String,
-    ok: bool,
-}
+#[serde(transparent)]
+struct ReachRow(Reach);
 
-impl Tabular for Reach {
+impl Tabular for ReachRow {
     fn header() -> Vec<&'static str> {
         vec!["FROM", "TO", "ADDRESS", "RESULT"]
     }
     fn row(&self) -> Vec<String> {
+        let r = &self.0;
         vec![
-            self.from.clone(),
-            self.to.clone(),
-            self.address.clone(),
-            if self.ok { "ok".into() } else { "FAIL".into() },
+            r.from.clone(),
+            r.to.clone(),
+            r.address.clone(),
+            if r.ok { "ok".into() } else { "FAIL".into() },
         ]
     }
 }
 
-fn reachability(state: &LabState) -> Vec<Reach> {
-    let worker_pod = |c: &clusterlink_lab::lab::LabCluster| {
-        c.nodes
-            .iter()
-            .find(|n| n.node.role == Role::Worker)
-            .unwrap_or(&c.nodes[0])
-            .node
-            .pod
-            .clone()
-    };
-    let mut out = Vec::new();
-    for from in &state.clusters {
-        let src = worker_pod(from);
-        for to in state.clusters.iter().filter(|t| t.name != from.name) {
-            let dst = worker_pod(to);
-            let ok = src
-                .ns()
-                .exec("ping", &["-c1", "-W2", &dst.address.to_string()])
-                .is_ok();
-            out.push(Reach {
-                from: src.name.clone(),
-                to: dst.name.clone(),
-                address: dst.address.to_string(),
-                ok,
-            });
-        }
-    }
-    out
-}
-
+/// A discovery check, as `lab up` shows it.
 #[derive(Serialize)]
-struct Discovery {
-    from: String,
-    answers: Vec<String>,
-    echoed: usize,
-    ok: bool,
-}
+#[serde(transparent)]
+struct DiscoveryRow(Discovery);
 
-impl Tabular for Discovery {
+impl Tabular for DiscoveryRow {
     fn header() -> Vec<&'static str> {
         vec!["FROM", "ANSWERS", "ECHO", "RESULT"]
     }
     fn row(&self) -> Vec<String> {
+        let d = &self.0;
         vec![
-            self.from.clone(),
-            self.answers.join(","),
-            format!("{}/{}", self.echoed, self.answers.len()),
-            if self.ok { "ok".into() } else { "FAIL".into() },
+            d.from.clone(),
+            d.answers.join(","),
+            format!("{}/{}", d.echoed, d.answers.len()),
+            if d.ok { "ok".into() } else { "FAIL".into() },
         ]
     }
-}
-
-fn discovery(state: &LabState) -> Vec<Discovery> {
-    state
-        .clusters
-        .iter()
-        .map(|c| {
-            let pod = &c
-                .nodes
-                .iter()
-                .find(|n| n.node.role == Role::Worker)
-                .unwrap_or(&c.nodes[0])
-                .node
-                .pod;
-            let answers = resolve(&pod.ns(), ECHO_NAME);
-            let echoed = answers
-                .iter()
-                .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
-                .filter(|ip| echo_roundtrip(&pod.ns(), std::net::SocketAddr::new(*ip, 7)))
-                .count();
-            Discovery {
-                from: pod.name.clone(),
-                ok: answers.len() == state.clusters.len() && echoed == answers.len(),
-                answers,
-                echoed,
-            }
-        })
-        .collect()
 }
 
 fn describe(state: &LabState) -> String {

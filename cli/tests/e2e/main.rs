@@ -10,6 +10,7 @@
 //! - [`discovery`]: `clusterset.local` from pods, the export path and its conditions.
 //! - [`certificates`]: a CA rotation under traffic: renewals without restarts or loss.
 //! - [`hardening`]: bounded shutdown with clients attached, crash-safe join, honest outputs.
+//! - [`image`]: the container image built, and the lab's components run from it.
 //! - [`lab`]: `clusterlink lab up|status|exec|down` as an operator runs it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,6 +22,7 @@ mod certificates;
 mod dataplane;
 mod discovery;
 mod hardening;
+mod image;
 mod lab;
 mod redundancy;
 mod routes;
