@@ -147,6 +147,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ns_addresses: vec![a.listen.ip()],
         controllers: None,
         record_lease: clusterlink_dns::controller::DEFAULT_RECORD_LEASE,
+        ready: Default::default(),
     };
     let view = synthetic(a.names)?;
     tokio::runtime::Runtime::new()

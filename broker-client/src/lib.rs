@@ -14,6 +14,7 @@ pub mod connect;
 pub mod files;
 pub mod follow;
 pub mod fs;
+pub mod ready;
 pub mod renew;
 
 pub use backoff::Backoff;
@@ -23,4 +24,5 @@ pub use files::{
     check_address, check_host, rfc3339_from_unix_ms,
 };
 pub use follow::{FollowError, follow};
+pub use ready::{Readiness, Ready};
 pub use renew::{KeepOptions, LiveCredentials, keep};

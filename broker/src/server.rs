@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub limits: crate::limits::Limits,
     /// Certificate lifetime and renewal grace.
     pub certificates: CertificatePolicy,
+    /// Told once the broker serves (its store open, its registry loaded).
+    pub ready: clusterlink_broker_client::Ready,
 }
 
 /// The broker's TLS material.
@@ -121,6 +123,7 @@ pub async fn serve<S: Store>(
     // store.
     let closing = service.closing();
     let _close_on_return = closing.clone().drop_guard();
+    options.ready.ok();
     let reload = {
         let config = config.clone();
         tokio::spawn(closing.clone().run_until_cancelled_owned(async move {

@@ -38,6 +38,47 @@ pub async fn run<T, F>(what: &str, grace: Duration, work: impl FnOnce(Shutdown) 
 where
     F: Future<Output = Result<T>>,
 {
+    run_inner(what, grace, || {}, work).await
+}
+
+/// Like [`run`], with `/healthz` and `/readyz` served on `health.health_listen` (if given):
+/// `work` reports its readiness through the sender it is handed (not ready, saying
+/// `starting`, until it does); from the stop signal on, readyz says `stopping`.
+pub async fn run_with_health<T, F>(
+    what: &str,
+    grace: Duration,
+    health: &crate::health::HealthArgs,
+    work: impl FnOnce(Shutdown, crate::health::Ready) -> F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    let (ready, watched) = tokio::sync::watch::channel(Err("starting".to_owned()));
+    if let Some(addr) = health.health_listen {
+        let bound = crate::health::serve(addr, watched).await?;
+        info!(%bound, "serving /healthz and /readyz");
+    }
+    let stopping = ready.clone();
+    run_inner(
+        what,
+        grace,
+        move || {
+            let _previous = stopping.send_replace(Err("stopping".to_owned()));
+        },
+        |stop| work(stop, crate::health::Ready::new(ready)),
+    )
+    .await
+}
+
+async fn run_inner<T, F>(
+    what: &str,
+    grace: Duration,
+    on_stop: impl FnOnce(),
+    work: impl FnOnce(Shutdown) -> F,
+) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
     let stop = CancellationToken::new();
     let work = work(stop.clone().cancelled_owned());
     tokio::pin!(work);
@@ -46,6 +87,7 @@ where
         () = crate::shutdown_signal() => {}
     }
     info!(grace = %humantime::format_duration(grace), "{what} stopping");
+    on_stop();
     stop.cancel();
     tokio::select! {
         r = tokio::time::timeout(grace, &mut work) => match r {

@@ -3,6 +3,7 @@
 //! commands themselves are in the binary (`main.rs`, `cmd/`).
 
 pub mod daemon;
+pub mod health;
 pub mod output;
 
 /// Resolves on SIGTERM or SIGINT.

@@ -62,6 +62,8 @@ pub struct DnsConfig {
     /// How long this plugin's service records outlive it (a broker lease, renewed every
     /// third of it): a cluster whose plugin died stops being answered after this.
     pub record_lease: std::time::Duration,
+    /// Told when the plugin answers from a view of the cluster set (its first one arrived).
+    pub ready: clusterlink_broker_client::Ready,
 }
 
 /// The largest UDP reply sent: whatever the client offers (RFC 6891 6.2.5), up to 64 KiB. A
@@ -426,6 +428,10 @@ pub async fn run(
     });
     // The view follows the broker, and is recomputed every second as well: a tunnel whose
     // last handshake grows too old leaves it without any record changing.
+    config
+        .ready
+        .not("waiting for the cluster set from the broker");
+    let ready = config.ready.clone();
     let follower = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -440,6 +446,7 @@ pub async fn run(
                 .map(|s| view_of(&local, &s.clusters, &s.services, &s.connections, now));
             if let Some(v) = view {
                 view_tx.send_replace(Arc::new(v));
+                ready.ok();
             }
         }
     });

@@ -60,6 +60,9 @@ pub struct GatewayConfig {
     /// The longest the data plane polls for the next packet before it sleeps (zero: never);
     /// see [`clusterlink_gateway_core::busy_poll`].
     pub busy_poll: Duration,
+    /// Told when the gateway can carry traffic: its TUN device open and the cluster set
+    /// received from the broker.
+    pub ready: clusterlink_broker_client::Ready,
 }
 
 /// Loads the WireGuard key, or makes one (mode 0600). The private key never leaves the node.

@@ -76,11 +76,22 @@ pub async fn run(
         }
     }
     info!(%cluster, node = %config.node, port = config.listen_port, tun = %config.tun_name, "gateway up");
+    config
+        .ready
+        .not("waiting for the cluster set from the broker");
 
     let view = follow(
         config.credentials.clone(),
         &[Kind::Clusters, Kind::Gateways],
     );
+    {
+        let (mut view, ready) = (view.clone(), config.ready.clone());
+        tokio::spawn(async move {
+            if view.wait_for(Option::is_some).await.is_ok() {
+                ready.ok();
+            }
+        });
+    }
     let follower = tokio::spawn(follow_broker(
         view.clone(),
         cluster.clone(),

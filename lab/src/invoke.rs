@@ -18,6 +18,17 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|&a| a.to_owned()).collect()
 }
 
+/// Where each component serves /healthz and /readyz: on the loopback of its node's
+/// namespace (each namespace has its own), a port per component (several share a node).
+pub const BROKER_HEALTH_PORT: u16 = 9100;
+pub const GATEWAY_HEALTH_PORT: u16 = 9101;
+pub const AGENT_HEALTH_PORT: u16 = 9102;
+pub const DNS_HEALTH_PORT: u16 = 9103;
+
+fn health(port: u16) -> [String; 2] {
+    ["--health-listen".into(), format!("127.0.0.1:{port}")]
+}
+
 /// `deploy-broker`: the broker's data directory, embedded store.
 pub struct DeployBroker {
     pub data_dir: PathBuf,
@@ -38,7 +49,9 @@ pub struct BrokerRun {
 
 impl Invocation for BrokerRun {
     fn args(&self) -> Vec<String> {
-        strings(&["broker", "run", "--data-dir", &path(&self.data_dir)])
+        let mut args = strings(&["broker", "run", "--data-dir", &path(&self.data_dir)]);
+        args.extend(health(BROKER_HEALTH_PORT));
+        args
     }
 }
 
@@ -83,7 +96,7 @@ impl Invocation for GatewayRun {
     fn args(&self) -> Vec<String> {
         let (creds, key) = (path(&self.credentials), path(&self.key_file));
         let (private, tunnel) = (self.private_addr.to_string(), self.tunnel_ip.to_string());
-        strings(&[
+        let mut args = strings(&[
             "gateway",
             "run",
             "--credentials",
@@ -98,7 +111,9 @@ impl Invocation for GatewayRun {
             &key,
             "--tun-name",
             &self.tun_name,
-        ])
+        ]);
+        args.extend(health(GATEWAY_HEALTH_PORT));
+        args
     }
 }
 
@@ -130,6 +145,7 @@ impl Invocation for RouteAgentRun {
         if self.cleanup_on_exit {
             args.push("--cleanup-on-exit".into());
         }
+        args.extend(health(AGENT_HEALTH_PORT));
         args
     }
 }
@@ -149,7 +165,7 @@ impl Invocation for DnsRun {
             path(&self.manifests),
             self.listen.to_string(),
         );
-        strings(&[
+        let mut args = strings(&[
             "dns",
             "run",
             "--credentials",
@@ -160,7 +176,9 @@ impl Invocation for DnsRun {
             &self.zone,
             "--manifests",
             &dir,
-        ])
+        ]);
+        args.extend(health(DNS_HEALTH_PORT));
+        args
     }
 }
 

@@ -625,6 +625,19 @@ pub fn agent_routes(node: &Netns) -> Result<Vec<String>, TestbedError> {
         .collect())
 }
 
+/// `GET path` from inside `ns` to `127.0.0.1:port` (a component's health endpoints): the
+/// status code and the body, or `None` when nothing answers.
+pub fn http_get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let out = ns.exec("bash", &["-c", &script]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
 /// The lab's demo service.
 pub const ECHO_NAME: &str = "echo.demo.svc.clusterset.local";
 

@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// Remove everything the agent added when it stops.
     pub cleanup_on_exit: bool,
+    /// Told when the node's routes match the cluster set (after each pass).
+    pub ready: clusterlink_broker_client::Ready,
 }
 
 impl AgentConfig {
@@ -118,6 +120,9 @@ pub async fn run(
     let mut last_waiting: Option<&'static str> = None;
     let mut last_excluded: Vec<(ipnet::Ipv4Net, String)> = Vec::new();
     info!(%cluster, node = %config.node, table = own.table, "route agent up");
+    config
+        .ready
+        .not("waiting for the cluster set from the broker");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -171,6 +176,7 @@ pub async fn run(
         }
         let changes = core::diff(&installed, &desired.state, own);
         if changes.is_empty() {
+            config.ready.ok();
             continue;
         }
         match kernel.apply(&changes).await {
@@ -186,7 +192,11 @@ pub async fn run(
                 );
                 if applied.failures.is_empty() {
                     installed = desired.state;
+                    config.ready.ok();
                 } else {
+                    config
+                        .ready
+                        .not(format!("{} route change(s) failed", applied.failures.len()));
                     for f in applied.failures.iter().take(5) {
                         warn!(failure = %f, "could not apply");
                     }
@@ -195,6 +205,7 @@ pub async fn run(
             }
             Err(e) => {
                 warn!(error = %e, "could not apply; retrying");
+                config.ready.not(format!("could not apply routes: {e}"));
                 reread = true;
             }
         }

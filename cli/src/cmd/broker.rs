@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::{CredentialsArg, call};
 use clusterlink_cli::daemon::{self, ShutdownArgs};
+use clusterlink_cli::health::HealthArgs;
 use clusterlink_cli::output::print;
 
 #[derive(Args)]
@@ -103,6 +104,8 @@ pub struct RunArgs {
     /// Override the store from broker.yaml.
     #[arg(long)]
     pub store: Option<StoreSpec>,
+    #[command(flatten)]
+    pub health: HealthArgs,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
@@ -496,19 +499,27 @@ async fn run_broker(a: RunArgs) -> Result<()> {
             .policy()
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("Invalid config in {}", dir.config_path().display()))?,
+        ready: Default::default(),
     };
     if dir.rotating() {
         info!("a CA rotation is under way: both CAs are trusted");
     }
     let (tls_tx, tls) = tokio::sync::watch::channel(tls);
     tokio::spawn(watch_tls(dir, tls_tx));
-    daemon::run("broker", a.shutdown.grace(), |stop| async move {
-        match store {
-            AnyStore::Embedded(s) => serve(s, tls, listener, clock, options, stop).await?,
-            AnyStore::Etcd(s) => serve(*s, tls, listener, clock, options, stop).await?,
-        }
-        Ok(())
-    })
+    let mut options = options;
+    daemon::run_with_health(
+        "broker",
+        a.shutdown.grace(),
+        &a.health,
+        |stop, ready| async move {
+            options.ready = ready;
+            match store {
+                AnyStore::Embedded(s) => serve(s, tls, listener, clock, options, stop).await?,
+                AnyStore::Etcd(s) => serve(*s, tls, listener, clock, options, stop).await?,
+            }
+            Ok(())
+        },
+    )
     .await?;
     info!("broker stopped");
     Ok(())

@@ -10,6 +10,7 @@ use clusterlink_dns::server::{DnsConfig, run as run_dns};
 
 use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
+use clusterlink_cli::health::HealthArgs;
 use tracing::warn;
 
 #[derive(Subcommand)]
@@ -61,13 +62,15 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_record_lease)]
     pub record_lease: humantime::Duration,
     #[command(flatten)]
+    pub health: HealthArgs,
+    #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
 
 pub async fn run(c: DnsCommand) -> Result<()> {
     match c {
         DnsCommand::Run(a) => {
-            let config = DnsConfig {
+            let mut config = DnsConfig {
                 listen: a.listen,
                 zone: a.zone,
                 ttl: a.ttl,
@@ -89,13 +92,20 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     )?)),
                     (None, false) => None,
                 },
+                ready: Default::default(),
             };
             let credentials = a.credentials.keep()?;
-            daemon::run("DNS plugin", a.shutdown.grace(), |stop| async move {
-                run_dns(config, credentials, stop)
-                    .await
-                    .context("DNS plugin failed")
-            })
+            daemon::run_with_health(
+                "DNS plugin",
+                a.shutdown.grace(),
+                &a.health,
+                |stop, ready| async move {
+                    config.ready = ready;
+                    run_dns(config, credentials, stop)
+                        .await
+                        .context("DNS plugin failed")
+                },
+            )
             .await
         }
     }

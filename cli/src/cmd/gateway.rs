@@ -10,6 +10,7 @@ use clusterlink_gateway::{GatewayConfig, run as run_gateway};
 
 use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
+use clusterlink_cli::health::HealthArgs;
 
 #[derive(Subcommand)]
 pub enum GatewayCommand {
@@ -56,13 +57,15 @@ pub struct GatewayRunArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub busy_poll_us: u32,
     #[command(flatten)]
+    pub health: HealthArgs,
+    #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
 
 pub async fn run(c: GatewayCommand) -> Result<()> {
     match c {
         GatewayCommand::Run(a) => {
-            let config = GatewayConfig {
+            let mut config = GatewayConfig {
                 credentials: a.credentials.keep()?,
                 node: a.node,
                 listen_port: a.listen_port,
@@ -73,10 +76,17 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
                 mtu: a.mtu,
                 lease: std::time::Duration::from_millis(u64::from(a.lease_ms)),
                 busy_poll: std::time::Duration::from_micros(u64::from(a.busy_poll_us)),
+                ready: Default::default(),
             };
-            daemon::run("gateway", a.shutdown.grace(), |stop| async move {
-                run_gateway(config, stop).await.context("Gateway failed")
-            })
+            daemon::run_with_health(
+                "gateway",
+                a.shutdown.grace(),
+                &a.health,
+                |stop, ready| async move {
+                    config.ready = ready;
+                    run_gateway(config, stop).await.context("Gateway failed")
+                },
+            )
             .await
         }
     }

@@ -11,6 +11,7 @@ use clusterlink_route_agent::{AgentConfig, cleanup, run as run_agent};
 
 use super::DaemonCredentialsArg;
 use clusterlink_cli::daemon::{self, ShutdownArgs};
+use clusterlink_cli::health::HealthArgs;
 
 #[derive(Subcommand)]
 pub enum RouteAgentCommand {
@@ -91,6 +92,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub cleanup_on_exit: bool,
     #[command(flatten)]
+    pub health: HealthArgs,
+    #[command(flatten)]
     pub shutdown: ShutdownArgs,
 }
 
@@ -111,7 +114,7 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 a.underlay_mtu,
                 clusterlink_route_agent::core::VXLAN_OVERHEAD
             );
-            let config = AgentConfig {
+            let mut config = AgentConfig {
                 credentials: a.credentials.keep()?,
                 node: a.node,
                 node_ip: a.node_ip,
@@ -124,10 +127,17 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 ownership: a.own.ownership(),
                 resync: a.resync.max(Duration::from_millis(100)),
                 cleanup_on_exit: a.cleanup_on_exit,
+                ready: Default::default(),
             };
-            daemon::run("route agent", a.shutdown.grace(), |stop| async move {
-                run_agent(config, stop).await.context("Route agent failed")
-            })
+            daemon::run_with_health(
+                "route agent",
+                a.shutdown.grace(),
+                &a.health,
+                |stop, ready| async move {
+                    config.ready = ready;
+                    run_agent(config, stop).await.context("Route agent failed")
+                },
+            )
             .await
         }
         RouteAgentCommand::Cleanup(a) => {

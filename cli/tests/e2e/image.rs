@@ -109,6 +109,13 @@ fn the_labs_components_run_from_the_image_and_reach_each_other() {
     let reach = clusterlink_lab::checks::reachability(&lab.state);
     assert!(reach.iter().all(|r| r.ok), "{reach:?}");
     lab.wait_services(Duration::from_secs(30)).unwrap();
+    // Their /readyz, served from inside the containers, says so too.
+    wait_until(
+        "every component to be ready",
+        Duration::from_secs(20),
+        || crate::support::all_ready(&lab),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", crate::support::readiness(&lab)));
     let found = clusterlink_lab::checks::discovery(&lab.state);
     assert!(found.iter().all(|d| d.ok), "{found:?}");
     drop(lab);

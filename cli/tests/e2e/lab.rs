@@ -151,3 +151,72 @@ fn lab_up_status_exec_down() {
     assert!(lab(dir, &["down"]).status.success());
     assert_eq!(lab_namespaces(), 0, "lab down left orphaned namespaces");
 }
+
+/// `/readyz` of every component says what it can do: all ready once the lab is up; still
+/// ready (serving their last view) when the broker goes; a route agent started while the
+/// broker is gone is not, and says why; `/healthz` answers regardless.
+#[test]
+fn every_component_says_whether_it_is_ready() {
+    use std::time::Duration;
+
+    use clusterlink_lab::invoke::AGENT_HEALTH_PORT;
+    use clusterlink_lab::lab::http_get;
+    use clusterlink_lab::{ClusterSpec, Lab, wait_until};
+
+    use crate::support::{all_ready, readiness};
+
+    let specs: Vec<ClusterSpec> = ["a", "b"]
+        .into_iter()
+        .map(|name| ClusterSpec {
+            name: name.into(),
+            gateways: 1,
+            workers: 1,
+            nat: false,
+        })
+        .collect();
+    let mut lab = Lab::up(std::path::Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
+    lab.wait_connected(Duration::from_secs(30)).unwrap();
+    lab.wait_routes(Duration::from_secs(30)).unwrap();
+    if wait_until(
+        "every component to be ready",
+        Duration::from_secs(20),
+        || all_ready(&lab),
+    )
+    .is_err()
+    {
+        panic!("{:#?}", readiness(&lab));
+    }
+    assert_eq!(readiness(&lab).len(), 1 + 2 * (1 + 2 + 1));
+
+    lab.stop_broker();
+    let b_worker = lab.state.clusters[1].nodes[1].node.ns();
+    lab.stop_agent(1, 1).expect("b's worker agent stops");
+    lab.start_agent(1, 1, false).unwrap();
+    let mut answer = None;
+    wait_until(
+        "the restarted agent to answer",
+        Duration::from_secs(10),
+        || {
+            answer = http_get(&b_worker, AGENT_HEALTH_PORT, "/readyz");
+            answer.is_some()
+        },
+    )
+    .unwrap();
+    let (code, body) = answer.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("waiting for the cluster set from the broker"),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(&b_worker, AGENT_HEALTH_PORT, "/healthz").map(|(c, _)| c),
+        Some(200)
+    );
+    // The others keep serving from their last view.
+    for (who, r) in readiness(&lab) {
+        if who == "broker" || who == "route agent b-w1" {
+            continue;
+        }
+        assert!(matches!(r, Some((200, _))), "{who}: {r:?}");
+    }
+}

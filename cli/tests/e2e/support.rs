@@ -92,3 +92,48 @@ where
         })?
         .map_err(err)
 }
+
+/// Every component of the lab and what its `/readyz` answers (`None`: nothing answered).
+pub fn readiness(lab: &Lab) -> Vec<(String, Option<(u16, String)>)> {
+    use clusterlink_lab::invoke::{
+        AGENT_HEALTH_PORT, BROKER_HEALTH_PORT, DNS_HEALTH_PORT, GATEWAY_HEALTH_PORT,
+    };
+    use clusterlink_lab::lab::http_get;
+    let ns = |name: &str| Netns {
+        name: name.to_owned(),
+    };
+    let mut out = vec![(
+        "broker".to_owned(),
+        http_get(
+            &ns(&lab.state.broker_namespace),
+            BROKER_HEALTH_PORT,
+            "/readyz",
+        ),
+    )];
+    for c in &lab.state.clusters {
+        for g in &c.gateways {
+            out.push((
+                format!("gateway {}", g.node),
+                http_get(&ns(&g.namespace), GATEWAY_HEALTH_PORT, "/readyz"),
+            ));
+        }
+        for n in &c.nodes {
+            out.push((
+                format!("route agent {}", n.node.name),
+                http_get(&n.node.ns(), AGENT_HEALTH_PORT, "/readyz"),
+            ));
+        }
+        out.push((
+            format!("DNS plugin {}", c.name),
+            http_get(&c.nodes[0].node.ns(), DNS_HEALTH_PORT, "/readyz"),
+        ));
+    }
+    out
+}
+
+/// Is every component ready?
+pub fn all_ready(lab: &Lab) -> bool {
+    readiness(lab)
+        .iter()
+        .all(|(_, r)| matches!(r, Some((200, _))))
+}
