@@ -30,6 +30,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The manifests' checks: kubectl (its kustomize) and kubernetes-validate (PyPI; offline
+# schemas of every Kubernetes version).
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "installing: kubernetes-client (kubectl)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing: kubernetes-validate (pip)" >&2
+  python3 -m pip install -q kubernetes-validate
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not on PATH: install the Rust toolchain (rustup, 1.95 or newer)" >&2
   exit 1

@@ -497,4 +497,132 @@ mod tests {
         let err = export(client, "demo", "echo").await.unwrap_err();
         assert!(err.to_string().contains("Forbidden"), "{err}");
     }
+
+    /// The RBAC verb, API group and resource (with subresource) a request needs. A
+    /// server-side apply may create the object: it needs `create` as well as `patch`.
+    fn needs(method: &Method, path: &str, content_type: &str) -> Vec<(String, String, String)> {
+        let path = path.split('?').next().unwrap_or("");
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", _version, rest @ ..] => (String::new(), rest),
+            ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+            _ => panic!("not an API path: {path}"),
+        };
+        let rest = match rest {
+            ["namespaces", _ns, rest @ ..] => rest,
+            rest => rest,
+        };
+        let (resource, named) = match rest {
+            [resource] => ((*resource).to_owned(), false),
+            [resource, _name] => ((*resource).to_owned(), true),
+            [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+            _ => panic!("unexpected path {path}"),
+        };
+        let verbs: &[&str] = match (method.as_str(), named) {
+            ("GET", false) => &["list"],
+            ("GET", true) => &["get"],
+            ("POST", _) => &["create"],
+            ("PUT", _) => &["update"],
+            ("PATCH", _) if content_type.starts_with("application/apply-patch") => {
+                &["patch", "create"]
+            }
+            ("PATCH", _) => &["patch"],
+            ("DELETE", true) => &["delete"],
+            ("DELETE", false) => &["deletecollection"],
+            (m, _) => panic!("unexpected method {m} {path}"),
+        };
+        verbs
+            .iter()
+            .map(|v| (group.clone(), resource.clone(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// What the ClusterRole in deploy/base/member/dns-rbac.yaml grants.
+    fn granted() -> std::collections::BTreeSet<(String, String, String)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/base/member/dns-rbac.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text).unwrap() {
+            if doc["kind"] != "ClusterRole" {
+                continue;
+            }
+            for rule in doc["rules"].as_array().unwrap() {
+                let strings = |k: &str| -> Vec<String> {
+                    rule[k]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_owned())
+                        .collect()
+                };
+                for g in strings("apiGroups") {
+                    for r in strings("resources") {
+                        for v in strings("verbs") {
+                            out.insert((g.clone(), r.clone(), v));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The DNS plugin's ClusterRole grants exactly what its code asks of the API: every
+    /// call the daemon makes (the reads, an export's conditions, an import applied and
+    /// deleted) against the mock, each mapped to the verb it needs.
+    #[tokio::test]
+    async fn the_dns_plugins_role_grants_exactly_what_its_code_uses() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let recorder = tokio::spawn(async move {
+            let mut needed = std::collections::BTreeSet::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let content_type = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                needed.extend(needs(&method, &path, &content_type));
+                let body = if method == Method::GET
+                    || (method == Method::DELETE && path.ends_with("endpointslices"))
+                {
+                    serde_json::json!({"apiVersion": "v1", "kind": "List",
+                        "metadata": {"resourceVersion": "1"}, "items": []})
+                } else if path.contains("endpointslices") {
+                    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": "echo-b", "namespace": "demo"}, "addressType": "IPv4", "endpoints": []})
+                } else if path.contains("serviceimports") {
+                    serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                        "metadata": {"name": "echo", "namespace": "demo"}, "spec": {"type": "Headless", "ports": []}})
+                } else {
+                    serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                        "kind": "ServiceExport", "metadata": {"name": "echo", "namespace": "demo"}})
+                };
+                send.send_response(Response::new(Body::from(
+                    serde_json::to_vec(&body).unwrap_or_default(),
+                )));
+            }
+            needed
+        });
+        let client = Client::new(service, "default");
+        read(client.clone()).await.unwrap();
+        write_status(client.clone(), "demo", "echo", &[])
+            .await
+            .unwrap();
+        let imported = crate::import::imports([&exported_by_b()]).remove(0);
+        assert!(!imported.slices.is_empty() && imported.import.status.is_some());
+        apply_import(client.clone(), &imported).await.unwrap();
+        delete_import(client.clone(), "demo", "echo").await.unwrap();
+        drop(client);
+        let needed = recorder.await.unwrap();
+        let granted = granted();
+        let missing: Vec<_> = needed.difference(&granted).collect();
+        let unused: Vec<_> = granted.difference(&needed).collect();
+        assert!(
+            missing.is_empty() && unused.is_empty(),
+            "deploy/base/member/dns-rbac.yaml: the code needs {missing:?} (not granted); it grants {unused:?} (not used)"
+        );
+    }
 }

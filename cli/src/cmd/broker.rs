@@ -49,6 +49,10 @@ pub struct DeployArgs {
     /// Where to write the broker-info file (default: DATA_DIR/broker-info.yaml).
     #[arg(long)]
     pub broker_info: Option<PathBuf>,
+    /// A directory that holds a broker already is left as it is, and this succeeds (an init
+    /// container that runs at every start).
+    #[arg(long)]
+    pub exist_ok: bool,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +158,15 @@ pub async fn deploy(a: DeployArgs) -> Result<()> {
         .unwrap_or_else(|| default_advertise(a.listen));
     check_address(&advertise).context("Invalid --advertise")?;
     if dir.root.join("pki").join("ca.crt").exists() {
+        if a.exist_ok {
+            dir.load_config()
+                .context("The directory holds a broker whose config does not load")?;
+            print(&format!(
+                "{} holds a broker already; left as it is.\n",
+                dir.root.display()
+            ));
+            return Ok(());
+        }
         bail!(clusterlink_broker::deploy::DeployError::AlreadyDeployed(
             dir.root.clone()
         ));

@@ -151,6 +151,14 @@ fn deploy_join_show_revoke() {
         &["deploy-broker", "--data-dir", "broker"],
     ));
     assert!(again.contains("already holds a broker"), "{again}");
+    // What an init container runs at every start: the broker is left as it is.
+    let ca = std::fs::read(dir.join("broker/pki/ca.crt")).unwrap();
+    let kept = ok(&clusterlink(
+        dir,
+        &["deploy-broker", "--data-dir", "broker", "--exist-ok"],
+    ));
+    assert!(kept.contains("left as it is"), "{kept}");
+    assert_eq!(std::fs::read(dir.join("broker/pki/ca.crt")).unwrap(), ca);
     let _broker = BrokerProc::start(dir, "broker");
     let out = ok(&clusterlink(
         dir,
