@@ -14,6 +14,8 @@ pub mod connect;
 pub mod files;
 pub mod follow;
 pub mod fs;
+#[cfg(feature = "kube")]
+pub mod node;
 pub mod ready;
 pub mod renew;
 

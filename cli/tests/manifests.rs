@@ -73,6 +73,7 @@ fn the_member_overlay_renders_and_validates() {
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
+        "DaemonSet",
         "Service",
         "PodDisruptionBudget",
     ] {
@@ -80,6 +81,47 @@ fn the_member_overlay_renders_and_validates() {
     }
     assert!(rendered.contains("namespace: clusterlink-system"));
     assert!(rendered.contains("image: localhost/clusterlink:dev"));
+    // Every component's arguments are ones the CLI takes.
+    cli_takes(&rendered, 3);
+}
+
+/// Checks that the `n` containers' args are ones the CLI takes (with `--help` after them:
+/// a flag it does not take fails before `--help` is read).
+fn cli_takes(rendered: &str, n: usize) {
+    let all = container_args(rendered);
+    assert_eq!(all.len(), n, "{all:?}");
+    for args in all {
+        let out = Command::new(env!("CARGO_BIN_EXE_clusterlink"))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "clusterlink {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every container's args.
+fn container_args(rendered: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for doc in serde_saphyr::from_multiple::<serde_json::Value>(rendered).unwrap() {
+        let spec = &doc["spec"]["template"]["spec"];
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_array().into_iter().flatten() {
+                let args: Vec<String> = c["args"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect();
+                out.push(args);
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -96,6 +138,7 @@ fn the_broker_overlay_renders_and_validates() {
     ] {
         assert!(kinds.iter().any(|x| x == k), "no {k} in {kinds:?}");
     }
+    cli_takes(&rendered, 2);
 }
 
 /// The validator catches what it must: a misspelt field is an error, not a warning.

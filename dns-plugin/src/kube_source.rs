@@ -498,76 +498,6 @@ mod tests {
         assert!(err.to_string().contains("Forbidden"), "{err}");
     }
 
-    /// The RBAC verb, API group and resource (with subresource) a request needs. A
-    /// server-side apply may create the object: it needs `create` as well as `patch`.
-    fn needs(method: &Method, path: &str, content_type: &str) -> Vec<(String, String, String)> {
-        let path = path.split('?').next().unwrap_or("");
-        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let (group, rest) = match parts.as_slice() {
-            ["api", _version, rest @ ..] => (String::new(), rest),
-            ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
-            _ => panic!("not an API path: {path}"),
-        };
-        let rest = match rest {
-            ["namespaces", _ns, rest @ ..] => rest,
-            rest => rest,
-        };
-        let (resource, named) = match rest {
-            [resource] => ((*resource).to_owned(), false),
-            [resource, _name] => ((*resource).to_owned(), true),
-            [resource, _name, sub] => (format!("{resource}/{sub}"), true),
-            _ => panic!("unexpected path {path}"),
-        };
-        let verbs: &[&str] = match (method.as_str(), named) {
-            ("GET", false) => &["list"],
-            ("GET", true) => &["get"],
-            ("POST", _) => &["create"],
-            ("PUT", _) => &["update"],
-            ("PATCH", _) if content_type.starts_with("application/apply-patch") => {
-                &["patch", "create"]
-            }
-            ("PATCH", _) => &["patch"],
-            ("DELETE", true) => &["delete"],
-            ("DELETE", false) => &["deletecollection"],
-            (m, _) => panic!("unexpected method {m} {path}"),
-        };
-        verbs
-            .iter()
-            .map(|v| (group.clone(), resource.clone(), (*v).to_owned()))
-            .collect()
-    }
-
-    /// What the ClusterRole in deploy/base/member/dns-rbac.yaml grants.
-    fn granted() -> std::collections::BTreeSet<(String, String, String)> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/base/member/dns-rbac.yaml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut out = std::collections::BTreeSet::new();
-        for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text).unwrap() {
-            if doc["kind"] != "ClusterRole" {
-                continue;
-            }
-            for rule in doc["rules"].as_array().unwrap() {
-                let strings = |k: &str| -> Vec<String> {
-                    rule[k]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|v| v.as_str().unwrap().to_owned())
-                        .collect()
-                };
-                for g in strings("apiGroups") {
-                    for r in strings("resources") {
-                        for v in strings("verbs") {
-                            out.insert((g.clone(), r.clone(), v));
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// The DNS plugin's ClusterRole grants exactly what its code asks of the API: every
     /// call the daemon makes (the reads, an export's conditions, an import applied and
     /// deleted) against the mock, each mapped to the verb it needs.
@@ -584,7 +514,11 @@ mod tests {
                     .unwrap_or("")
                     .to_owned();
                 let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-                needed.extend(needs(&method, &path, &content_type));
+                needed.extend(clusterlink_testkit::rbac::needs(
+                    method.as_str(),
+                    &path,
+                    &content_type,
+                ));
                 let body = if method == Method::GET
                     || (method == Method::DELETE && path.ends_with("endpointslices"))
                 {
@@ -617,12 +551,9 @@ mod tests {
         delete_import(client.clone(), "demo", "echo").await.unwrap();
         drop(client);
         let needed = recorder.await.unwrap();
-        let granted = granted();
-        let missing: Vec<_> = needed.difference(&granted).collect();
-        let unused: Vec<_> = granted.difference(&needed).collect();
-        assert!(
-            missing.is_empty() && unused.is_empty(),
-            "deploy/base/member/dns-rbac.yaml: the code needs {missing:?} (not granted); it grants {unused:?} (not used)"
-        );
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/base/member/dns-rbac.yaml");
+        clusterlink_testkit::rbac::check(&needed, &file, "clusterlink-dns")
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }

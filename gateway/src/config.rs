@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub listen_port: u16,
     /// The node's underlay address, offered to peers.
     pub private_addr: IpAddr,
+    /// The address peers reach this gateway at, when not the private one (a NAT's).
+    pub public_addr: Option<IpAddr>,
     pub key_file: PathBuf,
     pub tun_name: String,
     /// This gateway's address on the TUN device (inside its cluster's pod CIDR).

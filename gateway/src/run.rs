@@ -103,7 +103,7 @@ pub async fn run(
         node: config.node.clone(),
         public_key,
         private_addr: config.private_addr,
-        public_addr: None,
+        public_addr: config.public_addr,
         port: config.listen_port,
         // Every gateway starts passive; the election makes one active.
         role: GatewayRole::Passive,

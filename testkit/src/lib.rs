@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod image;
 pub mod ports;
 pub mod process;
+pub mod rbac;
 pub mod wait;
 
 pub use etcd::{EtcdHarnessError, EtcdServer};

@@ -25,12 +25,23 @@ pub struct GatewayRunArgs {
     /// This node's name.
     #[arg(long, env = "CLUSTERLINK_NODE")]
     pub node: NodeName,
-    /// The node's underlay address, offered to the other gateways.
+    /// The node's underlay address, offered to the other gateways (Kubernetes mode: the
+    /// Node's InternalIP).
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub private_addr: Option<IpAddr>,
+    /// The address other clusters' gateways reach this one at, when not the private one (a
+    /// NAT's; Kubernetes mode: the Node's gateway.clusterlink.dev/public-address annotation).
     #[arg(long)]
-    pub private_addr: IpAddr,
-    /// This gateway's address on the tunnel device (inside its cluster's pod CIDR).
+    pub public_addr: Option<IpAddr>,
+    /// This gateway's address on the tunnel device (inside its cluster's pod CIDR; Kubernetes
+    /// mode: the Node's gateway.clusterlink.dev/tunnel-ip annotation, else the last address of
+    /// its IPv4 pod CIDR).
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub tunnel_ip: Option<Ipv4Addr>,
+    /// Kubernetes mode: what is not given above comes from this node's Node object (the pod
+    /// needs `get` on nodes; --node from the downward API, spec.nodeName).
     #[arg(long)]
-    pub tunnel_ip: Ipv4Addr,
+    pub kubernetes: bool,
     /// UDP port of the tunnels (WireGuard). It must be free: the gateway will not share it with
     /// another process; it opens one more socket on it per peer, connected to that peer.
     #[arg(long, default_value_t = 51820)]
@@ -62,17 +73,44 @@ pub struct GatewayRunArgs {
     pub shutdown: ShutdownArgs,
 }
 
+/// The gateway's private, public and tunnel addresses: the flags', and in Kubernetes mode
+/// what the flags leave out from the Node object.
+async fn addresses(a: &GatewayRunArgs) -> Result<(IpAddr, Option<IpAddr>, Ipv4Addr)> {
+    if !a.kubernetes {
+        return match (a.private_addr, a.tunnel_ip) {
+            (Some(p), Some(t)) => Ok((p, a.public_addr, t)),
+            _ => anyhow::bail!("give --private-addr and --tunnel-ip, or --kubernetes"),
+        };
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("Cannot reach the Kubernetes API (no kubeconfig and not in a pod); without --kubernetes give --private-addr and --tunnel-ip")?;
+    let node = clusterlink_broker_client::node::read(client, a.node.as_str()).await?;
+    let tunnel_ip = match a.tunnel_ip {
+        Some(t) => t,
+        None => node.tunnel_ip()?,
+    };
+    tracing::info!(node = %node.name, private = %node.internal_ip, public = ?node.public_address, %tunnel_ip, "addresses from the Node object");
+    Ok((
+        a.private_addr.unwrap_or(node.internal_ip),
+        a.public_addr.or(node.public_address),
+        tunnel_ip,
+    ))
+}
+
 pub async fn run(c: GatewayCommand) -> Result<()> {
     match c {
         GatewayCommand::Run(a) => {
+            let (private_addr, public_addr, tunnel_ip) = addresses(&a).await?;
             let mut config = GatewayConfig {
                 credentials: a.credentials.keep()?,
                 node: a.node,
                 listen_port: a.listen_port,
-                private_addr: a.private_addr,
+                private_addr,
+                public_addr,
                 key_file: a.key_file,
                 tun_name: a.tun_name,
-                tunnel_ip: a.tunnel_ip,
+                tunnel_ip,
                 mtu: a.mtu,
                 lease: std::time::Duration::from_millis(u64::from(a.lease_ms)),
                 busy_poll: std::time::Duration::from_micros(u64::from(a.busy_poll_us)),

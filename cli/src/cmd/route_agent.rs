@@ -73,9 +73,18 @@ pub struct RunArgs {
     /// This node's name.
     #[arg(long, env = "CLUSTERLINK_NODE")]
     pub node: NodeName,
-    /// This node's underlay address (the overlay's local end; Kubernetes: status.hostIP).
-    #[arg(long, env = "CLUSTERLINK_NODE_IP")]
-    pub node_ip: Ipv4Addr,
+    /// This node's underlay address (the overlay's local end; Kubernetes mode: the Node's
+    /// InternalIP).
+    #[arg(
+        long,
+        env = "CLUSTERLINK_NODE_IP",
+        required_unless_present = "kubernetes"
+    )]
+    pub node_ip: Option<Ipv4Addr>,
+    /// Kubernetes mode: what is not given above comes from this node's Node object (the pod
+    /// needs `get` on nodes; --node from the downward API, spec.nodeName).
+    #[arg(long)]
+    pub kubernetes: bool,
     #[command(flatten)]
     pub own: OwnArgs,
     /// The tunnel MTU, carried on every route so TCP picks an MSS that fits.
@@ -114,10 +123,28 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 a.underlay_mtu,
                 clusterlink_route_agent::core::VXLAN_OVERHEAD
             );
+            let node_ip = match (a.node_ip, a.kubernetes) {
+                (Some(ip), _) => ip,
+                (None, true) => {
+                    let client = kube::Client::try_default().await.context(
+                        "Cannot reach the Kubernetes API (no kubeconfig and not in a pod); without --kubernetes give --node-ip",
+                    )?;
+                    let node =
+                        clusterlink_broker_client::node::read(client, a.node.as_str()).await?;
+                    match node.internal_ip {
+                        std::net::IpAddr::V4(ip) => ip,
+                        std::net::IpAddr::V6(ip) => anyhow::bail!(
+                            "node {} has an IPv6 InternalIP ({ip}); the overlay is IPv4: give --node-ip",
+                            node.name
+                        ),
+                    }
+                }
+                (None, false) => anyhow::bail!("give --node-ip, or --kubernetes"),
+            };
             let mut config = AgentConfig {
                 credentials: a.credentials.keep()?,
                 node: a.node,
-                node_ip: a.node_ip,
+                node_ip,
                 tunnel_device: a.own.tunnel_device.clone(),
                 overlay_device: a.own.overlay_device.clone(),
                 tunnel_mtu: a.tunnel_mtu,
