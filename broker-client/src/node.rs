@@ -135,6 +135,67 @@ pub fn facts(node: &Node) -> Result<NodeFacts, NodeError> {
     })
 }
 
+/// A key of a Secret holding a credentials file (`NAMESPACE/NAME`, key `credentials.yaml`).
+#[derive(Clone)]
+pub struct SecretRef {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Secret {}/{} key {}",
+            self.namespace, self.name, self.key
+        )
+    }
+}
+
+/// The key a credentials Secret holds the file under.
+pub const CREDENTIALS_KEY: &str = "credentials.yaml";
+
+impl SecretRef {
+    /// Parses `NAMESPACE/NAME`.
+    pub fn parse(client: kube::Client, s: &str) -> Result<Self, String> {
+        let (namespace, name) = s
+            .split_once('/')
+            .filter(|(n, m)| !n.is_empty() && !m.is_empty() && !m.contains('/'))
+            .ok_or_else(|| format!("{s:?} is not NAMESPACE/NAME"))?;
+        Ok(SecretRef {
+            client,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            key: CREDENTIALS_KEY.to_owned(),
+        })
+    }
+
+    fn api(&self) -> kube::Api<k8s_openapi::api::core::v1::Secret> {
+        kube::Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Can the Secret be read (and so, with the same grant, written)?
+    pub async fn check(&self) -> Result<(), kube::Error> {
+        self.api().get(&self.name).await.map(drop)
+    }
+
+    /// Replaces the key's value (a merge patch: the Secret's other keys stay).
+    pub async fn write(&self, value: Vec<u8>) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({ "data": {
+            &self.key: k8s_openapi::ByteString(value) } });
+        self.api()
+            .patch(
+                &self.name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .map(drop)
+    }
+}
+
 /// Reads node `name` (the pod's own, from the downward API) and its facts.
 pub async fn read(client: kube::Client, name: &str) -> Result<NodeFacts, NodeError> {
     let node = kube::Api::<Node>::all(client)
@@ -293,7 +354,7 @@ mod tests {
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/base/member/node-rbac.yaml");
         for role in ["clusterlink-gateway", "clusterlink-route-agent"] {
-            clusterlink_testkit::rbac::check(&needed, &file, role)
+            clusterlink_testkit::rbac::check(&needed, &file, &[role])
                 .unwrap_or_else(|e| panic!("{e}"));
         }
     }

@@ -150,6 +150,20 @@ pub enum RenewError {
     Key(String),
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("cannot save the credentials: {0}")]
+    Save(String),
+}
+
+/// Where renewed credentials are saved (and read back from by the components sharing them).
+#[derive(Clone, Debug, Default)]
+pub enum SaveTo {
+    /// The credentials file itself (it must be writable).
+    #[default]
+    File,
+    /// A Kubernetes Secret (its key holding the file), which the pods mount: the mounted file
+    /// follows when the kubelet syncs it.
+    #[cfg(feature = "kube")]
+    Secret(crate::node::SecretRef),
 }
 
 /// How [`keep`] runs.
@@ -159,6 +173,8 @@ pub struct KeepOptions {
     pub check_every: Duration,
     /// Where the time comes from (tests move it by hand).
     pub now: Arc<dyn Fn() -> SystemTime + Send + Sync>,
+    /// Where renewed credentials go.
+    pub save_to: SaveTo,
 }
 
 impl Default for KeepOptions {
@@ -166,6 +182,7 @@ impl Default for KeepOptions {
         KeepOptions {
             check_every: Duration::from_secs(60),
             now: Arc::new(SystemTime::now),
+            save_to: SaveTo::File,
         }
     }
 }
@@ -175,15 +192,18 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keeps the credentials at `path` (read already as `initial`) current, for as long as the
 /// returned handle or a clone of it lives.
 pub fn keep(path: PathBuf, initial: Credentials, options: KeepOptions) -> LiveCredentials {
-    let (tx, rx) = watch::channel(Arc::new(initial));
+    let (tx, rx) = watch::channel(Arc::new(initial.clone()));
     tokio::spawn(async move {
+        // The file as last read: a change to it is adopted; the credentials in use may be
+        // ahead of it (saved to a Secret whose mount has not caught up).
+        let mut last_file = initial;
         loop {
             let jitter = rand::rng().random_range(0.9..1.1);
             tokio::select! {
                 _ = tokio::time::sleep(options.check_every.mul_f64(jitter)) => {}
                 _ = tx.closed() => return,
             }
-            if let Err(e) = check(&path, &tx, &options).await {
+            if let Err(e) = check(&path, &tx, &options, &mut last_file).await {
                 warn!(path = %path.display(), error = %e, "cannot keep the credentials current; retrying");
             }
         }
@@ -196,17 +216,21 @@ async fn check(
     path: &Path,
     tx: &watch::Sender<Arc<Credentials>>,
     options: &KeepOptions,
+    last_file: &mut Credentials,
 ) -> Result<(), RenewError> {
     // Another component (or the operator) may have written the file.
     let on_disk = Credentials::read(path)?;
-    tx.send_if_modified(|cur| {
-        let changed = **cur != on_disk;
-        if changed {
-            info!(path = %path.display(), "credentials file changed; using it");
-            *cur = Arc::new(on_disk.clone());
-        }
-        changed
-    });
+    if on_disk != *last_file {
+        *last_file = on_disk.clone();
+        tx.send_if_modified(|cur| {
+            let changed = **cur != on_disk;
+            if changed {
+                info!(path = %path.display(), "credentials file changed; using it");
+                *cur = Arc::new(on_disk);
+            }
+            changed
+        });
+    }
     let creds = tx.borrow().clone();
     if !matches!(creds.identity, Identity::Cluster(_)) {
         return Ok(());
@@ -230,14 +254,30 @@ async fn check(
                 ca_certificate: bundle,
                 ..(*creds).clone()
             };
-            save(path, &next)?;
+            save(path, &options.save_to, &next, last_file).await?;
             info!(path = %path.display(), "the broker's CAs changed; credentials now trust them");
             tx.send_replace(Arc::new(next));
             Ok(())
         }
         Action::Renew(reason) => {
-            // The file must take the result: a certificate renewed and then lost would leave
-            // the old one to lapse at the end of its grace.
+            // Where the result goes must take it: a certificate renewed and then lost would
+            // leave the old one to lapse at the end of its grace.
+            can_save(path, &options.save_to).await?;
+            info!(path = %path.display(), %reason, "renewing the cluster certificate");
+            let next = renew(&creds).await?;
+            save(path, &options.save_to, &next, last_file).await?;
+            info!(path = %path.display(), "cluster certificate renewed and saved");
+            tx.send_replace(Arc::new(next));
+            Ok(())
+        }
+    }
+}
+
+/// Checks, before renewing, that the result can be saved.
+async fn can_save(path: &Path, to: &SaveTo) -> Result<(), RenewError> {
+    match to {
+        SaveTo::File => {
+            // Writing the file's own bytes again proves it (and its directory) writable.
             let text =
                 crate::fs::read_limited(path, crate::files::MAX_FILE_BYTES).map_err(|source| {
                     FileError::Read {
@@ -249,18 +289,41 @@ async fn check(
                 path: path.to_owned(),
                 source,
             })?;
-            info!(path = %path.display(), %reason, "renewing the cluster certificate");
-            let next = renew(&creds).await?;
-            save(path, &next)?;
-            info!(path = %path.display(), "cluster certificate renewed and saved");
-            tx.send_replace(Arc::new(next));
             Ok(())
         }
+        #[cfg(feature = "kube")]
+        SaveTo::Secret(secret) => secret
+            .check()
+            .await
+            .map_err(|e| RenewError::Save(e.to_string())),
     }
 }
 
-fn save(path: &Path, c: &Credentials) -> Result<(), FileError> {
-    c.write(path)
+/// Saves `c`: to the file (then the file as last read is `c`), or to the Secret (the mounted
+/// file follows later).
+async fn save(
+    path: &Path,
+    to: &SaveTo,
+    c: &Credentials,
+    last_file: &mut Credentials,
+) -> Result<(), RenewError> {
+    match to {
+        SaveTo::File => {
+            c.write(path)?;
+            *last_file = c.clone();
+            Ok(())
+        }
+        #[cfg(feature = "kube")]
+        SaveTo::Secret(secret) => {
+            let _ = path;
+            let _ = last_file;
+            let text = serde_saphyr::to_string(c).map_err(|e| RenewError::Save(e.to_string()))?;
+            secret
+                .write(text.into_bytes())
+                .await
+                .map_err(|e| RenewError::Save(e.to_string()))
+        }
+    }
 }
 
 async fn advise(creds: &Credentials) -> Result<Advice, RenewError> {

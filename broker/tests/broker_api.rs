@@ -1469,15 +1469,24 @@ async fn a_certificate_near_its_expiry_is_renewed_and_saved_without_a_restart() 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("east.yaml");
     creds.write(&path).unwrap();
-    // The component's clock: moved by hand, like the broker's.
-    let now = Arc::new(Mutex::new(SystemTime::now()));
-    let clock = now.clone();
+    // The component's clock: the real time, but 300 days on (of the certificate's 365) for
+    // the one check after `due` is set.
+    let due = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = due.clone();
     let mut live = clusterlink_broker_client::keep(
         path.clone(),
         creds.clone(),
         clusterlink_broker_client::KeepOptions {
             check_every: Duration::from_millis(50),
-            now: Arc::new(move || *clock.lock().unwrap()),
+            now: Arc::new(move || {
+                let days = if once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    300
+                } else {
+                    0
+                };
+                SystemTime::now() + Duration::from_secs(days * 24 * 3600)
+            }),
+            ..Default::default()
         },
     );
     let mut view = clusterlink_broker_client::follow(live.clone(), &[Kind::Services]);
@@ -1492,8 +1501,8 @@ async fn a_certificate_near_its_expiry_is_renewed_and_saved_without_a_restart() 
         );
     }
     assert_eq!(live.current().certificate, first.certificate);
-    // 300 of 365 days later: renewed, saved, and used.
-    *now.lock().unwrap() += Duration::from_secs(300 * 24 * 3600);
+    // 300 of 365 days later: renewed, saved, and used (once: the new one is not due).
+    due.store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(10), live.changed())
         .await
         .expect("renewed");

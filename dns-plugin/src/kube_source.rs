@@ -519,7 +519,10 @@ mod tests {
                     &path,
                     &content_type,
                 ));
-                let body = if method == Method::GET
+                let body = if path.contains("/secrets/") {
+                    serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": "clusterlink-credentials", "namespace": "clusterlink-system"}})
+                } else if method == Method::GET
                     || (method == Method::DELETE && path.ends_with("endpointslices"))
                 {
                     serde_json::json!({"apiVersion": "v1", "kind": "List",
@@ -549,11 +552,24 @@ mod tests {
         assert!(!imported.slices.is_empty() && imported.import.status.is_some());
         apply_import(client.clone(), &imported).await.unwrap();
         delete_import(client.clone(), "demo", "echo").await.unwrap();
+        // Renewed credentials saved to their Secret (--credentials-secret).
+        let secret = clusterlink_broker_client::node::SecretRef::parse(
+            client.clone(),
+            "clusterlink-system/clusterlink-credentials",
+        )
+        .unwrap();
+        secret.check().await.unwrap();
+        secret.write(b"x".to_vec()).await.unwrap();
+        drop(secret);
         drop(client);
         let needed = recorder.await.unwrap();
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/base/member/dns-rbac.yaml");
-        clusterlink_testkit::rbac::check(&needed, &file, "clusterlink-dns")
-            .unwrap_or_else(|e| panic!("{e}"));
+        clusterlink_testkit::rbac::check(
+            &needed,
+            &file,
+            &["clusterlink-dns", "clusterlink-dns-credentials"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -45,15 +45,18 @@ pub fn needs(method: &str, path: &str, content_type: &str) -> Vec<Grant> {
         .collect()
 }
 
-/// What the ClusterRole `role` in `file` (a YAML stream) grants.
+/// What the ClusterRole or Role `role` in `file` (a YAML stream) grants (resource names are
+/// not compared: a grant limited to some names counts as the grant).
 pub fn granted(file: &Path, role: &str) -> Result<BTreeSet<Grant>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let docs = serde_saphyr::from_multiple::<serde_json::Value>(&text)
         .map_err(|e| format!("{}: {e}", file.display()))?;
     let doc = docs
         .iter()
-        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == role)
-        .ok_or_else(|| format!("{}: no ClusterRole {role}", file.display()))?;
+        .find(|d| {
+            (d["kind"] == "ClusterRole" || d["kind"] == "Role") && d["metadata"]["name"] == role
+        })
+        .ok_or_else(|| format!("{}: no ClusterRole or Role {role}", file.display()))?;
     let mut out = BTreeSet::new();
     let strings = |rule: &serde_json::Value, k: &str| -> Vec<String> {
         rule[k]
@@ -77,16 +80,21 @@ pub fn granted(file: &Path, role: &str) -> Result<BTreeSet<Grant>, String> {
     Ok(out)
 }
 
-/// Checks that the ClusterRole `role` in `file` grants exactly `needed`.
-pub fn check(needed: &BTreeSet<Grant>, file: &Path, role: &str) -> Result<(), String> {
-    let granted = granted(file, role)?;
+/// Checks that the roles `roles` (ClusterRoles or Roles) in `file` grant, together, exactly
+/// `needed`.
+pub fn check(needed: &BTreeSet<Grant>, file: &Path, roles: &[&str]) -> Result<(), String> {
+    let mut granted = BTreeSet::new();
+    for role in roles {
+        granted.extend(self::granted(file, role)?);
+    }
+    let role = roles.join(" + ");
     let missing: Vec<_> = needed.difference(&granted).collect();
     let unused: Vec<_> = granted.difference(needed).collect();
     if missing.is_empty() && unused.is_empty() {
         Ok(())
     } else {
         Err(format!(
-            "{} (ClusterRole {role}): the code needs {missing:?}, not granted; it grants {unused:?}, not used",
+            "{} ({role}): the code needs {missing:?}, not granted; it grants {unused:?}, not used",
             file.display()
         ))
     }

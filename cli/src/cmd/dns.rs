@@ -94,7 +94,7 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                 },
                 ready: Default::default(),
             };
-            let credentials = a.credentials.keep()?;
+            let credentials = a.credentials.keep().await?;
             daemon::run_with_health(
                 "DNS plugin",
                 a.shutdown.grace(),

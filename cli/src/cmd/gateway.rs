@@ -103,7 +103,7 @@ pub async fn run(c: GatewayCommand) -> Result<()> {
         GatewayCommand::Run(a) => {
             let (private_addr, public_addr, tunnel_ip) = addresses(&a).await?;
             let mut config = GatewayConfig {
-                credentials: a.credentials.keep()?,
+                credentials: a.credentials.keep().await?,
                 node: a.node,
                 listen_port: a.listen_port,
                 private_addr,

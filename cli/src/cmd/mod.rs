@@ -48,6 +48,12 @@ pub struct DaemonCredentialsArg {
         value_parser = parse_check_interval
     )]
     pub credentials_check_interval: humantime::Duration,
+    /// Save renewed credentials to this Kubernetes Secret (NAMESPACE/NAME, key
+    /// credentials.yaml) rather than the file, which is then that Secret mounted: the other
+    /// pods sharing it pick the renewal up when the kubelet syncs their mount. One component
+    /// per cluster (the DNS plugin, in deploy/) is enough.
+    #[arg(long, env = "CLUSTERLINK_CREDENTIALS_SECRET")]
+    pub credentials_secret: Option<String>,
 }
 
 fn parse_check_interval(s: &str) -> Result<humantime::Duration, String> {
@@ -55,14 +61,28 @@ fn parse_check_interval(s: &str) -> Result<humantime::Duration, String> {
 }
 
 impl DaemonCredentialsArg {
-    /// Loads the file and keeps it current (needs a runtime).
-    pub fn keep(&self) -> Result<LiveCredentials> {
+    /// Loads the file and keeps it current.
+    pub async fn keep(&self) -> Result<LiveCredentials> {
         let creds = self.file.load()?;
+        let save_to = match &self.credentials_secret {
+            None => clusterlink_broker_client::renew::SaveTo::File,
+            Some(s) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("--credentials-secret needs the Kubernetes API (no kubeconfig and not in a pod)")?;
+                clusterlink_broker_client::renew::SaveTo::Secret(
+                    clusterlink_broker_client::node::SecretRef::parse(client, s)
+                        .map_err(anyhow::Error::msg)
+                        .context("Invalid --credentials-secret")?,
+                )
+            }
+        };
         Ok(clusterlink_broker_client::keep(
             self.file.credentials.clone(),
             creds,
             KeepOptions {
                 check_every: self.credentials_check_interval.into(),
+                save_to,
                 ..KeepOptions::default()
             },
         ))

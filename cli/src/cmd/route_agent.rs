@@ -142,7 +142,7 @@ pub async fn run(c: RouteAgentCommand) -> Result<()> {
                 (None, false) => anyhow::bail!("give --node-ip, or --kubernetes"),
             };
             let mut config = AgentConfig {
-                credentials: a.credentials.keep()?,
+                credentials: a.credentials.keep().await?,
                 node: a.node,
                 node_ip,
                 tunnel_device: a.own.tunnel_device.clone(),

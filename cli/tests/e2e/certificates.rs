@@ -254,3 +254,107 @@ fn rotate_ca_refuses_to_retire_a_ca_still_in_use_unless_forced() {
     fails(&show("east.yaml"));
     ok(&show("broker/admin.yaml"));
 }
+
+/// In Kubernetes the credentials file is a Secret mounted read-only: a renewal is saved to
+/// the Secret through the API (a merge patch of its key), used at once, and not undone by
+/// the mounted file, which lags until the kubelet syncs it.
+#[test]
+fn a_renewal_in_kubernetes_is_saved_to_the_secret_and_not_undone_by_the_lagging_mount() {
+    use std::sync::{Arc, Mutex};
+    use std::time::SystemTime;
+
+    use clusterlink_broker_client::renew::SaveTo;
+    use clusterlink_broker_client::{Credentials, KeepOptions};
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use crate::broker::{BrokerProc, clusterlink, deploy, ok};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _port = deploy(dir, &[]);
+    let _broker = BrokerProc::start(dir, "broker");
+    ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-cidr",
+            "10.101.0.0/16",
+            "-o",
+            "east.yaml",
+        ],
+    ));
+    let mount = dir.join("east.yaml");
+    let before = Credentials::read(&mount).unwrap();
+    // The mount is read-only, as the kubelet makes it.
+    std::fs::set_permissions(&mount, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The API server: GET and PATCH of Secret clusterlink-system/clusterlink-credentials.
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let patched: Arc<Mutex<Vec<(String, String, serde_json::Value)>>> = Arc::default();
+        let seen = patched.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let (method, path) = (request.method().to_string(), request.uri().path().to_owned());
+                let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                seen.lock().unwrap().push((method, path, body));
+                let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "clusterlink-credentials", "namespace": "clusterlink-system"}});
+                send.send_response(Response::new(Body::from(serde_json::to_vec(&secret).unwrap())));
+            }
+        });
+        let secret = clusterlink_broker_client::node::SecretRef::parse(
+            kube::Client::new(service, "default"),
+            "clusterlink-system/clusterlink-credentials",
+        )
+        .unwrap();
+        // The component's clock says, once, that the certificate is due (300 of its 365
+        // days gone); then it reads the real time, and the renewed certificate is not due.
+        let due_once = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut live = clusterlink_broker_client::keep(
+            mount.clone(),
+            before.clone(),
+            KeepOptions {
+                check_every: Duration::from_millis(50),
+                now: Arc::new(move || {
+                    let days = if due_once.swap(false, std::sync::atomic::Ordering::SeqCst) { 300 } else { 0 };
+                    SystemTime::now() + Duration::from_secs(days * 24 * 3600)
+                }),
+                save_to: SaveTo::Secret(secret),
+            },
+        );
+        live.current();
+        tokio::time::timeout(Duration::from_secs(10), live.changed())
+            .await
+            .expect("renewed");
+        let renewed = live.current();
+        assert_ne!(renewed.certificate, before.certificate);
+        // Saved to the Secret: checked (GET), then its key patched with the new file.
+        let calls = patched.lock().unwrap().clone();
+        assert_eq!(calls[0].0, "GET");
+        assert_eq!(
+            calls[0].1,
+            "/api/v1/namespaces/clusterlink-system/secrets/clusterlink-credentials"
+        );
+        let patch = calls.iter().find(|c| c.0 == "PATCH").expect("a patch");
+        use base64::Engine;
+        let saved = base64::engine::general_purpose::STANDARD
+            .decode(patch.2["data"]["credentials.yaml"].as_str().unwrap())
+            .unwrap();
+        let saved: Credentials = serde_saphyr::from_str(std::str::from_utf8(&saved).unwrap()).unwrap();
+        assert_eq!(saved, *renewed);
+        // The mount still holds the old file: the renewed credentials stay in use.
+        assert_eq!(Credentials::read(&mount).unwrap(), before);
+        let settled = tokio::time::timeout(Duration::from_millis(300), live.changed()).await;
+        assert!(settled.is_err(), "the lagging mount must not undo the renewal");
+        assert_eq!(live.current().certificate, renewed.certificate);
+    });
+}
