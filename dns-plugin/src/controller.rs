@@ -61,6 +61,9 @@ pub struct ExportController {
     /// The manifest directory as last read (a directory source only); `None` while a read
     /// is running off the runtime.
     manifests: Option<ManifestDir>,
+    /// In Kubernetes, the watches of ServiceExports, Services and EndpointSlices (started by
+    /// `run`; a single `reconcile` without them lists once).
+    mirror: Option<crate::kube_source::Mirror>,
     /// The broker lease this plugin's service records live under: if the plugin dies, they
     /// go when it lapses. One lease for all of them (one renewal per period, not one per
     /// record).
@@ -87,6 +90,7 @@ impl ExportController {
             imported: BTreeMap::new(),
             last_errors: Vec::new(),
             manifests: source_dir.as_ref().map(ManifestDir::new),
+            mirror: None,
             lease: None,
             lease_ttl: DEFAULT_RECORD_LEASE,
             leased: Default::default(),
@@ -148,10 +152,10 @@ impl ExportController {
 
     /// Runs until the broker view's sender is gone.
     pub async fn run(mut self, mut view: watch::Receiver<Option<ClusterSet>>) {
-        // A directory is read again when the kernel says it changed (inotify), and at least
-        // every 30 s in case a notification was missed (a full queue, a network file system);
-        // the API is polled every 2 s.
-        let changed = Arc::new(Notify::new());
+        // A directory is read again when the kernel says it changed (inotify), the API's
+        // objects when a watch says one changed; both at least every 30 s as well, in case a
+        // notification was missed (a full queue, a network file system).
+        let mut changed = Arc::new(Notify::new());
         let (period, _watcher) = match &self.source {
             Source::Dir(dir) => {
                 info!(dir = %dir.display(), "controllers watching the manifest directory");
@@ -162,9 +166,14 @@ impl ExportController {
                 let period = if watcher.is_ok() { 30 } else { 2 };
                 (Duration::from_secs(period), watcher.ok())
             }
-            Source::Kube(_) => {
+            Source::Kube(client) => {
                 info!("controllers watching the Kubernetes API");
-                (Duration::from_secs(2), None)
+                let mirror = crate::kube_source::Mirror::start(client.clone());
+                changed = mirror.changed();
+                mirror.ready().await;
+                info!("ServiceExports, Services and EndpointSlices listed; watching them");
+                self.mirror = Some(mirror);
+                (Duration::from_secs(30), None)
             }
         };
         let mut tick = tokio::time::interval(period);
@@ -212,9 +221,12 @@ impl ExportController {
                 self.manifests = Some(cache);
                 (m, errors.iter().map(ToString::to_string).collect())
             }
-            Source::Kube(client) => match crate::kube_source::read(client.clone()).await {
-                Ok(m) => (m, Vec::new()),
-                Err(e) => return Err(ControllerError::Kube(e)),
+            Source::Kube(client) => match &self.mirror {
+                Some(mirror) => (mirror.snapshot(), Vec::new()),
+                None => match crate::kube_source::read(client.clone()).await {
+                    Ok(m) => (m, Vec::new()),
+                    Err(e) => return Err(ControllerError::Kube(e)),
+                },
             },
         };
         let now = Timestamp::now();

@@ -10,9 +10,15 @@ use crate::mcs::{ServiceExport, ServiceExportSpec, ServiceImport};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use std::sync::Arc;
+
+use futures::StreamExt;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use thiserror::Error;
+use tokio::sync::Notify;
+use tracing::debug;
 
 use crate::import::{Imported, SERVICE_NAME_LABEL};
 use crate::manifests::Manifests;
@@ -20,7 +26,123 @@ use crate::manifests::Manifests;
 /// Field manager of what the controllers apply.
 pub const FIELD_MANAGER: &str = "clusterlink";
 
-/// Every ServiceExport, and the Services and EndpointSlices they may name.
+/// ServiceExports, Services and EndpointSlices as the API last said they were, kept by
+/// watches (list once, then every change; relisted when a watch cannot resume), instead of
+/// listing everything again and again. Each change wakes [`Mirror::changed`].
+pub struct Mirror {
+    exports: reflector::Store<ServiceExport>,
+    services: reflector::Store<Service>,
+    slices: reflector::Store<EndpointSlice>,
+    changed: Arc<Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Watches `api` into a store; every event wakes `changed`. Errors (the API gone, a watch
+/// expired) are retried with kube's default backoff.
+fn mirror_of<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+) -> (reflector::Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let task = tokio::spawn(async move {
+        let stream = reflector::reflector(writer, watcher::watcher(api, config)).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => debug!(error = %e, "watch interrupted; resuming"),
+            }
+        }
+    });
+    (reader, task)
+}
+
+impl Mirror {
+    /// Starts the three watches.
+    pub fn start(client: Client) -> Self {
+        let changed = Arc::new(Notify::new());
+        let (exports, a) = mirror_of(
+            Api::<ServiceExport>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+        );
+        let (services, b) = mirror_of(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+        );
+        let (slices, c) = mirror_of(
+            Api::<EndpointSlice>::all(client),
+            watcher::Config::default().labels("kubernetes.io/service-name"),
+            changed.clone(),
+        );
+        Mirror {
+            exports,
+            services,
+            slices,
+            changed,
+            tasks: vec![a, b, c],
+        }
+    }
+
+    /// Resolves once every watch has listed once.
+    pub async fn ready(&self) {
+        let _ = self.exports.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.slices.wait_until_ready().await;
+    }
+
+    /// Woken at each change.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// What the watches hold now.
+    pub fn snapshot(&self) -> Manifests {
+        fn owned<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
+            v.into_iter().map(|a| (*a).clone()).collect()
+        }
+        Manifests {
+            exports: owned(self.exports.state()),
+            services: owned(self.services.state()),
+            slices: own_slices(owned(self.slices.state())),
+        }
+    }
+}
+
+/// Imported slices carry the MCS label: they are not this cluster's to export.
+fn own_slices(slices: Vec<EndpointSlice>) -> Vec<EndpointSlice> {
+    slices
+        .into_iter()
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| !l.contains_key(SERVICE_NAME_LABEL))
+        })
+        .collect()
+}
+
+/// Every ServiceExport, and the Services and EndpointSlices they may name, listed once.
 pub async fn read(client: Client) -> Result<Manifests, KubeError> {
     let lp = ListParams::default();
     let exports = Api::<ServiceExport>::all(client.clone())
@@ -28,19 +150,12 @@ pub async fn read(client: Client) -> Result<Manifests, KubeError> {
         .await?
         .items;
     let services = Api::<Service>::all(client.clone()).list(&lp).await?.items;
-    let slices = Api::<EndpointSlice>::all(client)
-        .list(&ListParams::default().labels("kubernetes.io/service-name"))
-        .await?
-        .items
-        .into_iter()
-        // Imported slices carry the MCS label: they are not this cluster's to export.
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .is_none_or(|l| !l.contains_key(SERVICE_NAME_LABEL))
-        })
-        .collect();
+    let slices = own_slices(
+        Api::<EndpointSlice>::all(client)
+            .list(&ListParams::default().labels("kubernetes.io/service-name"))
+            .await?
+            .items,
+    );
     Ok(Manifests {
         exports,
         services,
@@ -203,6 +318,7 @@ mod tests {
                 let method = request.method().clone();
                 let path = request.uri().path().to_owned();
                 let query = request.uri().query().unwrap_or("").to_owned();
+                eprintln!("REQ {method} {path}?{query}");
                 let bytes = request
                     .into_body()
                     .collect_bytes()
@@ -504,8 +620,11 @@ mod tests {
     #[tokio::test]
     async fn the_dns_plugins_role_grants_exactly_what_its_code_uses() {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let watches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen_watches = watches.clone();
         let recorder = tokio::spawn(async move {
             let mut needed = std::collections::BTreeSet::new();
+            let mut held: Vec<tower_test::mock::SendResponse<Response<Body>>> = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
                 let content_type = request
                     .headers()
@@ -514,11 +633,18 @@ mod tests {
                     .unwrap_or("")
                     .to_owned();
                 let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+                let query = request.uri().query().unwrap_or("").to_owned();
                 needed.extend(clusterlink_testkit::rbac::needs(
                     method.as_str(),
-                    &path,
+                    &format!("{path}?{query}"),
                     &content_type,
                 ));
+                if query.contains("watch=true") {
+                    // A watch stays open (nothing changes): held until the test ends.
+                    held.push(send);
+                    seen_watches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
                 let body = if path.contains("/secrets/") {
                     serde_json::json!({"apiVersion": "v1", "kind": "Secret",
                         "metadata": {"name": "clusterlink-credentials", "namespace": "clusterlink-system"}})
@@ -544,7 +670,16 @@ mod tests {
             needed
         });
         let client = Client::new(service, "default");
-        read(client.clone()).await.unwrap();
+        // What the controller reads: the three kinds, listed then watched.
+        let mirror = Mirror::start(client.clone());
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            mirror.ready().await;
+            while watches.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the three kinds listed, then watched");
         write_status(client.clone(), "demo", "echo", &[])
             .await
             .unwrap();
@@ -561,6 +696,7 @@ mod tests {
         secret.check().await.unwrap();
         secret.write(b"x".to_vec()).await.unwrap();
         drop(secret);
+        drop(mirror);
         drop(client);
         let needed = recorder.await.unwrap();
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -571,5 +707,82 @@ mod tests {
             &["clusterlink-dns", "clusterlink-dns-credentials"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The controller works from watches: a ServiceExport added after the list reaches the
+    /// mirror, and wakes it, without another list.
+    #[tokio::test]
+    async fn the_mirror_follows_watch_events_and_wakes_the_controller() {
+        let export = |name: &str| {
+            serde_json::json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport", "metadata": {"name": name, "namespace": "demo",
+                "resourceVersion": "2"}})
+        };
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let lists = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = lists.clone();
+        let first = export("echo");
+        let added = export("other");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut exports_watched = false;
+            while let Some((request, send)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or("").to_owned();
+                let body = if query.contains("watch=true") {
+                    if path.ends_with("/serviceexports") && !exports_watched {
+                        exports_watched = true;
+                        let mut line = serde_json::to_vec(
+                            &serde_json::json!({"type": "ADDED", "object": added}),
+                        )
+                        .unwrap();
+                        line.push(b'\n');
+                        send.send_response(Response::new(Body::from(line)));
+                    } else {
+                        held.push(send);
+                    }
+                    continue;
+                } else {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let items = if path.ends_with("/serviceexports") {
+                        serde_json::json!([first])
+                    } else {
+                        serde_json::json!([])
+                    };
+                    serde_json::json!({"apiVersion": "v1", "kind": "List",
+                        "metadata": {"resourceVersion": "1"}, "items": items})
+                };
+                send.send_response(Response::new(Body::from(
+                    serde_json::to_vec(&body).unwrap(),
+                )));
+            }
+        });
+        let mirror = Mirror::start(Client::new(service, "default"));
+        tokio::time::timeout(std::time::Duration::from_secs(10), mirror.ready())
+            .await
+            .expect("listed");
+        let changed = mirror.changed();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let mut names: Vec<String> = mirror
+                    .snapshot()
+                    .exports
+                    .iter()
+                    .filter_map(|e| e.metadata.name.clone())
+                    .collect();
+                names.sort();
+                if names == ["echo", "other"] {
+                    return;
+                }
+                changed.notified().await;
+            }
+        })
+        .await
+        .expect("the export added by the watch reaches the mirror");
+        assert_eq!(
+            lists.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "one list per kind, no more"
+        );
     }
 }

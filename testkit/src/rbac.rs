@@ -11,7 +11,10 @@ pub type Grant = (String, String, String);
 /// The RBAC verb, API group and resource (with subresource) a request needs. A
 /// server-side apply may create the object: it needs `create` as well as `patch`.
 pub fn needs(method: &str, path: &str, content_type: &str) -> Vec<Grant> {
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
         ["api", _version, rest @ ..] => (String::new(), rest),
@@ -29,6 +32,7 @@ pub fn needs(method: &str, path: &str, content_type: &str) -> Vec<Grant> {
         _ => panic!("unexpected path {path}"),
     };
     let verbs: &[&str] = match (method, named) {
+        ("GET", false) if watch => &["watch"],
         ("GET", false) => &["list"],
         ("GET", true) => &["get"],
         ("POST", _) => &["create"],
@@ -109,6 +113,10 @@ mod tests {
         let g = |v: &str| (String::new(), "nodes".to_owned(), v.to_owned());
         assert_eq!(needs("GET", "/api/v1/nodes/gw-1", ""), [g("get")]);
         assert_eq!(needs("GET", "/api/v1/nodes?limit=1", ""), [g("list")]);
+        assert_eq!(
+            needs("GET", "/api/v1/nodes?resourceVersion=5&watch=true", ""),
+            [g("watch")]
+        );
         let apply = needs(
             "PATCH",
             "/apis/discovery.k8s.io/v1/namespaces/demo/endpointslices/x?fieldManager=a",
