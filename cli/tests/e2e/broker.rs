@@ -26,6 +26,30 @@ pub(crate) fn clusterlink(dir: &Path, args: &[&str]) -> Output {
         .expect("run clusterlink")
 }
 
+/// `join INFO --cluster-id ID` with pod CIDR 10.N.0.0/16 and service CIDR 10.(100+N).0.0/16.
+pub(crate) fn join(
+    dir: &Path,
+    info: &str,
+    id: &str,
+    n: u8,
+    extra: &[&str],
+) -> std::process::Output {
+    let pods = format!("10.{n}.0.0/16");
+    let svcs = format!("10.{}.0.0/16", 100 + u16::from(n));
+    let mut args = vec![
+        "join",
+        info,
+        "--cluster-id",
+        id,
+        "--pod-cidr",
+        &pods,
+        "--service-cidr",
+        &svcs,
+    ];
+    args.extend_from_slice(extra);
+    clusterlink(dir, &args)
+}
+
 pub(crate) fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),

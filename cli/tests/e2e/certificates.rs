@@ -12,18 +12,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use clusterlink_lab::{ClusterSpec, Lab, Testbed, wait_until};
+use clusterlink_lab::{Lab, Testbed, wait_until};
 
 use crate::support::{BIN, ping};
-
-fn spec(name: &str) -> ClusterSpec {
-    ClusterSpec {
-        name: name.into(),
-        gateways: 1,
-        workers: 1,
-        nat: false,
-    }
-}
 
 /// The issuer of a credentials file's certificate.
 fn issuer(creds: &Path) -> String {
@@ -40,8 +31,13 @@ fn a_ca_rotation_under_traffic_loses_nothing_and_restarts_nothing() {
     let bed = Testbed::new()
         .expect("testbed (needs root)")
         .with_env("CLUSTERLINK_CREDENTIALS_CHECK_INTERVAL", "1s");
-    let mut lab = Lab::up_in(bed, Path::new(BIN), &[spec("a"), spec("b")], &|_| {})
-        .expect("lab up (needs root)");
+    let mut lab = Lab::up_in(
+        bed,
+        Path::new(BIN),
+        &crate::support::small(&["a", "b"]),
+        &|_| {},
+    )
+    .expect("lab up (needs root)");
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     lab.wait_routes(Duration::from_secs(30)).unwrap();
     let (a_pod, b_pod) = (lab.worker(0).pod.clone(), lab.worker(1).pod.clone());
@@ -181,25 +177,17 @@ fn a_ca_rotation_under_traffic_loses_nothing_and_restarts_nothing() {
 /// refuses, and what `--force` costs.
 #[test]
 fn rotate_ca_refuses_to_retire_a_ca_still_in_use_unless_forced() {
-    use crate::broker::{BrokerProc, clusterlink, deploy, fails, ok};
+    use crate::broker::{BrokerProc, clusterlink, deploy, fails, join, ok};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let _port = deploy(dir, &[]);
     let _broker = BrokerProc::start(dir, "broker");
-    ok(&clusterlink(
+    ok(&join(
         dir,
-        &[
-            "join",
-            "broker/broker-info.yaml",
-            "--cluster-id",
-            "east",
-            "--pod-cidr",
-            "10.1.0.0/16",
-            "--service-cidr",
-            "10.101.0.0/16",
-            "-o",
-            "east.yaml",
-        ],
+        "broker/broker-info.yaml",
+        "east",
+        1,
+        &["-o", "east.yaml"],
     ));
     let show = |creds: &str| clusterlink(dir, &["show", "clusters", "--credentials", creds]);
     ok(&show("east.yaml"));
@@ -268,26 +256,18 @@ fn a_renewal_in_kubernetes_is_saved_to_the_secret_and_not_undone_by_the_lagging_
     use http::{Request, Response};
     use kube::client::Body;
 
-    use crate::broker::{BrokerProc, clusterlink, deploy, ok};
+    use crate::broker::{BrokerProc, deploy, join, ok};
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let _port = deploy(dir, &[]);
     let _broker = BrokerProc::start(dir, "broker");
-    ok(&clusterlink(
+    ok(&join(
         dir,
-        &[
-            "join",
-            "broker/broker-info.yaml",
-            "--cluster-id",
-            "east",
-            "--pod-cidr",
-            "10.1.0.0/16",
-            "--service-cidr",
-            "10.101.0.0/16",
-            "-o",
-            "east.yaml",
-        ],
+        "broker/broker-info.yaml",
+        "east",
+        1,
+        &["-o", "east.yaml"],
     ));
     let mount = dir.join("east.yaml");
     let before = Credentials::read(&mount).unwrap();

@@ -29,19 +29,11 @@ fn up(nat_c: bool) -> Lab {
 fn up_with(specs: &[ClusterSpec]) -> Lab {
     let lab = Lab::up(Path::new(BIN), specs, &|_| {}).expect("lab up (needs root)");
     if let Err(e) = lab.wait_connected(Duration::from_secs(30)) {
-        let logs: String = std::fs::read_dir(&lab.state.dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .map(|e| {
-                format!(
-                    "--- {}\n{}",
-                    e.path().display(),
-                    std::fs::read_to_string(e.path()).unwrap_or_default()
-                )
-            })
-            .collect();
-        panic!("{e}\n{:?}\n{logs}", lab.connections());
+        panic!(
+            "{e}\n{:?}\n{}",
+            lab.connections(),
+            crate::support::logs(&lab)
+        );
     }
     lab
 }

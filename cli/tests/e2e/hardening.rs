@@ -18,25 +18,8 @@ use std::time::{Duration, Instant};
 use clusterlink_api::{Kind, proto};
 use clusterlink_broker_client::{Credentials, connect_with};
 
-use crate::broker::{BrokerProc, clusterlink, deploy, fails, free_port, ok, wait_for};
+use crate::broker::{BrokerProc, clusterlink, deploy, fails, free_port, join, ok, wait_for};
 use crate::support::BIN;
-
-fn join(dir: &Path, info: &str, id: &str, n: u8, extra: &[&str]) -> std::process::Output {
-    let pods = format!("10.{n}.0.0/16");
-    let svcs = format!("10.{}.0.0/16", 100 + u16::from(n));
-    let mut args = vec![
-        "join",
-        info,
-        "--cluster-id",
-        id,
-        "--pod-cidr",
-        &pods,
-        "--service-cidr",
-        &svcs,
-    ];
-    args.extend_from_slice(extra);
-    clusterlink(dir, &args)
-}
 
 fn sigterm(child: &std::process::Child) {
     nix::sys::signal::kill(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clusterlink_lab::container::ContainerRunner;
-use clusterlink_lab::{ClusterSpec, Lab, Testbed, wait_until};
+use clusterlink_lab::{Lab, Testbed, wait_until};
 
 use crate::support::BIN;
 
@@ -59,15 +59,7 @@ fn the_labs_components_run_from_the_image_and_reach_each_other() {
     let bed = Testbed::new()
         .expect("testbed (needs root)")
         .with_containers(runner.clone());
-    let specs: Vec<ClusterSpec> = ["a", "b"]
-        .into_iter()
-        .map(|name| ClusterSpec {
-            name: name.into(),
-            gateways: 1,
-            workers: 1,
-            nat: false,
-        })
-        .collect();
+    let specs = crate::support::small(&["a", "b"]);
     let lab = Lab::up_in(bed, Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
     // The components are containers: podman lists one per gateway, route agent, DNS plugin.
     let running = || {
@@ -89,19 +81,7 @@ fn the_labs_components_run_from_the_image_and_reach_each_other() {
     )
     .is_err()
     {
-        let logs: String = std::fs::read_dir(&lab.state.dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .map(|e| {
-                format!(
-                    "--- {}\n{}\n",
-                    e.path().display(),
-                    std::fs::read_to_string(e.path()).unwrap_or_default()
-                )
-            })
-            .collect();
-        panic!("running: {:?}\n{logs}", running());
+        panic!("running: {:?}\n{}", running(), crate::support::logs(&lab));
     }
 
     lab.wait_connected(Duration::from_secs(60)).unwrap();

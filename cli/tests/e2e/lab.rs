@@ -161,19 +161,11 @@ fn every_component_says_whether_it_is_ready() {
 
     use clusterlink_lab::invoke::AGENT_HEALTH_PORT;
     use clusterlink_lab::lab::http_get;
-    use clusterlink_lab::{ClusterSpec, Lab, wait_until};
+    use clusterlink_lab::{Lab, wait_until};
 
     use crate::support::{all_ready, readiness};
 
-    let specs: Vec<ClusterSpec> = ["a", "b"]
-        .into_iter()
-        .map(|name| ClusterSpec {
-            name: name.into(),
-            gateways: 1,
-            workers: 1,
-            nat: false,
-        })
-        .collect();
+    let specs = crate::support::small(&["a", "b"]);
     let mut lab = Lab::up(std::path::Path::new(BIN), &specs, &|_| {}).expect("lab up (needs root)");
     lab.wait_connected(Duration::from_secs(30)).unwrap();
     lab.wait_routes(Duration::from_secs(30)).unwrap();

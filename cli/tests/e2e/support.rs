@@ -137,3 +137,35 @@ pub fn all_ready(lab: &Lab) -> bool {
         .iter()
         .all(|(_, r)| matches!(r, Some((200, _))))
 }
+
+/// Clusters of one gateway node and one worker node each, no NAT.
+pub fn small(names: &[&str]) -> Vec<clusterlink_lab::ClusterSpec> {
+    names
+        .iter()
+        .map(|name| clusterlink_lab::ClusterSpec {
+            name: (*name).into(),
+            gateways: 1,
+            workers: 1,
+            nat: false,
+        })
+        .collect()
+}
+
+/// Every log of the lab, for a failure's message.
+pub fn logs(lab: &Lab) -> String {
+    std::fs::read_dir(&lab.state.dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| {
+                    format!(
+                        "--- {}\n{}\n",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
