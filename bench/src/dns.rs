@@ -148,6 +148,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         controllers: None,
         record_lease: clusterlink_dns::controller::DEFAULT_RECORD_LEASE,
         ready: Default::default(),
+        leader: None,
     };
     let view = synthetic(a.names)?;
     tokio::runtime::Runtime::new()

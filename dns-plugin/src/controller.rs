@@ -64,6 +64,9 @@ pub struct ExportController {
     /// In Kubernetes, the watches of ServiceExports, Services and EndpointSlices (started by
     /// `run`; a single `reconcile` without them lists once).
     mirror: Option<crate::kube_source::Mirror>,
+    /// With several replicas: whether this one holds the controllers' Lease (only the holder
+    /// writes; all answer). `None`: the only replica.
+    leader: Option<watch::Receiver<bool>>,
     /// The broker lease this plugin's service records live under: if the plugin dies, they
     /// go when it lapses. One lease for all of them (one renewal per period, not one per
     /// record).
@@ -91,10 +94,21 @@ impl ExportController {
             last_errors: Vec::new(),
             manifests: source_dir.as_ref().map(ManifestDir::new),
             mirror: None,
+            leader: None,
             lease: None,
             lease_ttl: DEFAULT_RECORD_LEASE,
             leased: Default::default(),
         }
+    }
+
+    /// Write only while `leader` says this replica holds the Lease ([`crate::election`]).
+    pub fn with_leader(mut self, leader: watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
+    }
+
+    fn leads(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
     }
 
     /// How long this plugin's service records outlive it (renewed every third of it).
@@ -180,18 +194,38 @@ impl ExportController {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renew = tokio::time::interval(self.lease_ttl / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leader = self.leader.clone();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = renew.tick() => {
-                    self.keep_alive().await;
+                    if self.leads() {
+                        self.keep_alive().await;
+                    }
                     continue;
+                }
+                // Elected: a pass at once. Deposed: the records' broker lease is let go (it
+                // lapses; the new holder has published them under its own).
+                Ok(()) = async {
+                    match leader.as_mut() {
+                        Some(l) => l.changed().await.map_err(drop),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !self.leads() {
+                        self.lease = None;
+                        self.leased.clear();
+                        continue;
+                    }
                 }
                 _ = changed.notified() => {
                     // An editor's save is several events: take them as one.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 changed = view.changed() => if changed.is_err() { return },
+            }
+            if !self.leads() {
+                continue;
             }
             let set = view.borrow().clone();
             if let Some(set) = set

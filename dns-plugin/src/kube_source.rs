@@ -625,6 +625,7 @@ mod tests {
         let recorder = tokio::spawn(async move {
             let mut needed = std::collections::BTreeSet::new();
             let mut held: Vec<tower_test::mock::SendResponse<Response<Body>>> = Vec::new();
+            let mut lease_reads = 0usize;
             while let Some((request, send)) = handle.next_request().await {
                 let content_type = request
                     .headers()
@@ -645,7 +646,26 @@ mod tests {
                     seen_watches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     continue;
                 }
-                let body = if path.contains("/secrets/") {
+                let body = if path.contains("/leases") {
+                    lease_reads += usize::from(method == Method::GET);
+                    if method == Method::GET && lease_reads == 1 {
+                        let mut r = Response::new(Body::from(
+                            serde_json::to_vec(&serde_json::json!({"apiVersion": "v1",
+                                "kind": "Status", "status": "Failure", "reason": "NotFound",
+                                "code": 404, "message": "not found"}))
+                            .unwrap_or_default(),
+                        ));
+                        *r.status_mut() = http::StatusCode::NOT_FOUND;
+                        send.send_response(r);
+                        continue;
+                    }
+                    // Held by a replica that stopped renewing it long ago.
+                    serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "clusterlink-dns", "namespace": "clusterlink-system",
+                                     "resourceVersion": "3"},
+                        "spec": {"holderIdentity": "pod-gone", "leaseDurationSeconds": 15,
+                                 "renewTime": "2020-01-01T00:00:00.000000Z"}})
+                } else if path.contains("/secrets/") {
                     serde_json::json!({"apiVersion": "v1", "kind": "Secret",
                         "metadata": {"name": "clusterlink-credentials", "namespace": "clusterlink-system"}})
                 } else if method == Method::GET
@@ -696,6 +716,22 @@ mod tests {
         secret.check().await.unwrap();
         secret.write(b"x".to_vec()).await.unwrap();
         drop(secret);
+        // The Lease the replicas elect the writer with: made, then taken over.
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), "clusterlink-system");
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let d = std::time::Duration::from_secs(15);
+        assert!(
+            crate::election::round(&leases, "clusterlink-dns", "pod-a", d, now)
+                .await
+                .unwrap()
+        );
+        assert!(
+            crate::election::round(&leases, "clusterlink-dns", "pod-a", d, now)
+                .await
+                .unwrap()
+        );
+        drop(leases);
         drop(mirror);
         drop(client);
         let needed = recorder.await.unwrap();
@@ -704,7 +740,7 @@ mod tests {
         clusterlink_testkit::rbac::check(
             &needed,
             &file,
-            &["clusterlink-dns", "clusterlink-dns-credentials"],
+            &["clusterlink-dns", "clusterlink-dns-namespaced"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
     }

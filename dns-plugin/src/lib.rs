@@ -16,6 +16,7 @@
 
 pub mod answer;
 pub mod controller;
+pub mod election;
 pub mod export;
 pub mod import;
 pub mod kube_source;

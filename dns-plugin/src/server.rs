@@ -64,6 +64,9 @@ pub struct DnsConfig {
     pub record_lease: std::time::Duration,
     /// Told when the plugin answers from a view of the cluster set (its first one arrived).
     pub ready: clusterlink_broker_client::Ready,
+    /// With several replicas: whether this one holds the controllers' Lease
+    /// ([`crate::election::elect`]); `None`: the only one, it writes.
+    pub leader: Option<watch::Receiver<bool>>,
 }
 
 /// The largest UDP reply sent: whatever the client offers (RFC 6891 6.2.5), up to 64 KiB. A
@@ -420,11 +423,12 @@ pub async fn run(
         &[Kind::Clusters, Kind::Services, Kind::Connections],
     );
     let controller = config.controllers.clone().map(|source| {
-        tokio::spawn(
-            crate::controller::ExportController::new(source, credentials, local.clone())
-                .with_record_lease(config.record_lease)
-                .run(set.clone()),
-        )
+        let mut c = crate::controller::ExportController::new(source, credentials, local.clone())
+            .with_record_lease(config.record_lease);
+        if let Some(leader) = config.leader.clone() {
+            c = c.with_leader(leader);
+        }
+        tokio::spawn(c.run(set.clone()))
     });
     // The view follows the broker, and is recomputed every second as well: a tunnel whose
     // last handshake grows too old leaves it without any record changing.

@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// EndpointSlices.
     #[arg(long)]
     pub kubernetes: bool,
+    /// With several replicas: only the one holding this Lease (NAMESPACE/NAME) runs the
+    /// controllers; all answer. The replica's identity is its host name (a pod's name).
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "kubernetes")]
+    pub leader_election: Option<String>,
     /// The address(es) the zone's name server `ns.<zone>` resolves to (repeat for several):
     /// where clients reach this plugin, e.g. its Service's ClusterIP. Default: the listen
     /// address, or with a wildcard listen address, this host's addresses of that family.
@@ -93,7 +97,30 @@ pub async fn run(c: DnsCommand) -> Result<()> {
                     (None, false) => None,
                 },
                 ready: Default::default(),
+                leader: None,
             };
+            if let (Some(lease), Some(Source::Kube(client))) =
+                (&a.leader_election, &config.controllers)
+            {
+                let (ns, name) = lease
+                    .split_once('/')
+                    .filter(|(n, m)| !n.is_empty() && !m.is_empty())
+                    .with_context(|| {
+                        format!("--leader-election {lease:?} is not NAMESPACE/NAME")
+                    })?;
+                let me = std::env::var("HOSTNAME")
+                    .ok()
+                    .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                    .map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+                    .context("No host name to stand for this replica in the Lease")?;
+                config.leader = Some(clusterlink_dns::election::elect(
+                    kube::Api::namespaced(client.clone(), ns),
+                    name.to_owned(),
+                    me,
+                    std::time::Duration::from_secs(15),
+                ));
+            }
             let credentials = a.credentials.keep().await?;
             daemon::run_with_health(
                 "DNS plugin",
