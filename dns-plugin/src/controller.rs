@@ -618,4 +618,49 @@ mod tests {
             c.last_errors
         );
     }
+
+    /// With several replicas only the Lease holder writes: a replica that does not hold it
+    /// writes no status; once elected it does, at once.
+    #[tokio::test]
+    async fn only_the_lease_holder_writes() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        // An export without its Service: its status (Valid=False) is the first write.
+        std::fs::write(
+            dir.join("export.yaml"),
+            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n\
+             metadata: {name: echo, namespace: demo}\n",
+        )
+        .unwrap();
+        let (leads, leader) = watch::channel(false);
+        let c = ExportController::new(
+            Source::Dir(dir.clone()),
+            crate::testing::unreachable_broker_credentials(),
+            "a".parse().unwrap(),
+        )
+        .with_leader(leader);
+        let (_view_tx, view) = watch::channel(Some(ClusterSet::default()));
+        let task = tokio::spawn(c.run(view));
+        let status = dir.join("status");
+        let written = || {
+            std::fs::read_dir(&status)
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+        };
+        // A pass runs at once when the controller starts; a follower's writes nothing. (A
+        // window for an absence: were the gate missing, the first pass would have written
+        // within milliseconds.)
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!written(), "a replica without the Lease wrote a status");
+        leads.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !written() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the elected replica writes at once");
+        task.abort();
+    }
 }
