@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod health;
+pub mod kube_cluster;
 pub mod output;
 
 /// Resolves on SIGTERM or SIGINT.

@@ -24,12 +24,21 @@ pub struct JoinArgs {
     /// This cluster's ID: a DNS label, unique among the joined clusters.
     #[arg(long)]
     pub cluster_id: String,
-    /// Pod CIDR(s) of this cluster (repeat, or comma-separate).
-    #[arg(long = "pod-cidr", required = true)]
+    /// Pod CIDR(s) of this cluster (repeat, or comma-separate; with --kubeconfig, learnt
+    /// from the cluster when not given).
+    #[arg(long = "pod-cidr", required_unless_present = "kubeconfig")]
     pub pod_cidrs: Vec<String>,
-    /// Service CIDR(s) of this cluster (repeat, or comma-separate).
-    #[arg(long = "service-cidr", required = true)]
+    /// Service CIDR(s) of this cluster (repeat, or comma-separate; with --kubeconfig, learnt
+    /// from the cluster when not given).
+    #[arg(long = "service-cidr", required_unless_present = "kubeconfig")]
     pub service_cidrs: Vec<String>,
+    /// The cluster's kubeconfig: the CIDRs not given are read from its API (its ServiceCIDR
+    /// objects, kubeadm's or kube-proxy's configuration).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current one).
+    #[arg(long, requires = "kubeconfig")]
+    pub context: Option<String>,
     /// Labels, KEY=VALUE (e.g. region=eu-west-1).
     #[arg(long = "label")]
     pub labels: Vec<String>,
@@ -38,13 +47,65 @@ pub struct JoinArgs {
     pub output: Option<PathBuf>,
 }
 
+/// A client for `--kubeconfig` and `--context`.
+async fn kube_client(path: &Path, context: Option<&str>) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("Cannot read the kubeconfig {}", path.display()))?;
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..Default::default()
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .with_context(|| {
+            format!(
+                "Invalid kubeconfig {} (or no such --context)",
+                path.display()
+            )
+        })?;
+    kube::Client::try_from(config).context("Cannot make a Kubernetes client")
+}
+
+/// The CIDRs given, and with a kubeconfig those not given, from the cluster's API.
+async fn cidrs(a: &JoinArgs) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut pods, mut services) = (a.pod_cidrs.clone(), a.service_cidrs.clone());
+    let Some(path) = &a.kubeconfig else {
+        return Ok((pods, services));
+    };
+    if pods.is_empty() || services.is_empty() {
+        let client = kube_client(path, a.context.as_deref()).await?;
+        let (found_pods, found_services) = clusterlink_cli::kube_cluster::discover(client)
+            .await
+            .context("Cannot learn the cluster's CIDRs from its API")?;
+        let strings = |v: Vec<ipnet::IpNet>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        if pods.is_empty() {
+            pods = strings(found_pods);
+            anyhow::ensure!(
+                !pods.is_empty(),
+                "The cluster's API does not tell its pod CIDR (no kubeadm or kube-proxy configuration with it); give --pod-cidr"
+            );
+            info!(pods = ?pods, "pod CIDRs from the cluster");
+        }
+        if services.is_empty() {
+            services = strings(found_services);
+            anyhow::ensure!(
+                !services.is_empty(),
+                "The cluster's API does not tell its service CIDR (no ServiceCIDR objects, no kubeadm configuration with it); give --service-cidr"
+            );
+            info!(services = ?services, "service CIDRs from the cluster");
+        }
+    }
+    Ok((pods, services))
+}
+
 pub async fn run(a: JoinArgs) -> Result<()> {
     let info = BrokerInfo::read(&a.broker_info, SystemTime::now())?;
     let labels = parse_labels(&a.labels)?;
+    let (pod_cidrs, service_cidrs) = cidrs(&a).await?;
     let request_cluster = proto::Cluster {
         id: a.cluster_id.clone(),
-        pod_cidrs: a.pod_cidrs.clone(),
-        service_cidrs: a.service_cidrs.clone(),
+        pod_cidrs,
+        service_cidrs,
         labels: labels.into_iter().collect(),
     };
     // Validate here, before the broker does, for a clear message without a round trip.

@@ -701,3 +701,148 @@ fn two_broker_processes_on_one_etcd_serve_the_same_data() {
     ));
     assert!(refused.contains("no longer"), "{refused}");
 }
+
+/// A stand-in for a cluster's API server (plain HTTP on loopback) that answers what `join
+/// --kubeconfig` reads: ServiceCIDRs (404 when `modern` is false, as before 1.33) and the
+/// kubeadm ConfigMap. Returns a kubeconfig file pointing at it.
+fn fake_cluster_api(
+    dir: &Path,
+    modern: bool,
+    kubeadm: Option<&'static str>,
+) -> (PathBuf, tokio::runtime::Runtime) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    fn json(v: serde_json::Value) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            v.to_string(),
+        )
+    }
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            json(
+                serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found"}),
+            ),
+        )
+    };
+    let app = axum::Router::new()
+        .route(
+            "/apis/networking.k8s.io/v1/servicecidrs",
+            get(move || async move {
+                if modern {
+                    (
+                        StatusCode::OK,
+                        json(serde_json::json!({"apiVersion": "networking.k8s.io/v1",
+                            "kind": "ServiceCIDRList", "metadata": {"resourceVersion": "1"},
+                            "items": [{"metadata": {"name": "kubernetes"},
+                                       "spec": {"cidrs": ["10.196.0.0/16"]}}]})),
+                    )
+                } else {
+                    not_found()
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/kube-system/configmaps/kubeadm-config",
+            get(move || async move {
+                match kubeadm {
+                    Some(conf) => (
+                        StatusCode::OK,
+                        json(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": "kubeadm-config", "namespace": "kube-system"},
+                            "data": {"ClusterConfiguration": conf}})),
+                    ),
+                    None => not_found(),
+                }
+            }),
+        )
+        .fallback(move || async move { not_found() });
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster: {{server: \"http://{addr}\"}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\nusers:\n- name: test\n  user: {{token: t}}\n"
+        ),
+    )
+    .unwrap();
+    (kubeconfig, rt)
+}
+
+/// `join --kubeconfig` learns the CIDRs it is not given from the cluster's API; what the
+/// API cannot tell is an error naming the flag.
+#[test]
+fn join_learns_the_clusters_cidrs_from_its_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _port = deploy(dir, &[]);
+    let _broker = BrokerProc::start(dir, "broker");
+    let (kubeconfig, _api) = fake_cluster_api(
+        dir,
+        true,
+        Some("networking:\n  podSubnet: 10.40.0.0/16\n  serviceSubnet: 10.41.0.0/16\n"),
+    );
+    let k = kubeconfig.display().to_string();
+    let out = ok(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "east",
+            "--kubeconfig",
+            &k,
+        ],
+    ));
+    assert!(out.contains("Cluster east joined"), "{out}");
+    let shown = ok(&clusterlink(
+        dir,
+        &[
+            "show",
+            "clusters",
+            "--credentials",
+            "clusterlink-east.yaml",
+            "-o",
+            "json",
+        ],
+    ));
+    // Pods from kubeadm's configuration, services from the ServiceCIDR objects.
+    assert!(shown.contains("10.40.0.0/16"), "{shown}");
+    assert!(
+        shown.contains("10.196.0.0/16") && !shown.contains("10.41.0.0/16"),
+        "{shown}"
+    );
+
+    // An older cluster, no kubeadm: nothing to learn the pod CIDR from.
+    let other = dir.join("older");
+    std::fs::create_dir(&other).unwrap();
+    let (kubeconfig, _api2) = fake_cluster_api(&other, false, None);
+    let k = kubeconfig.display().to_string();
+    let err = fails(&clusterlink(
+        dir,
+        &[
+            "join",
+            "broker/broker-info.yaml",
+            "--cluster-id",
+            "west",
+            "--kubeconfig",
+            &k,
+            "--service-cidr",
+            "10.102.0.0/16",
+            "-o",
+            "west.yaml",
+        ],
+    ));
+    assert!(err.contains("give --pod-cidr"), "{err}");
+    assert!(
+        !dir.join("west.yaml").exists(),
+        "nothing written, no token spent"
+    );
+}
