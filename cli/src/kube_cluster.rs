@@ -105,6 +105,35 @@ pub async fn discover(client: kube::Client) -> Result<(Vec<IpNet>, Vec<IpNet>)> 
     Ok((pods, services))
 }
 
+/// The namespace the member components run in, and the Secret they read their credentials
+/// from (deploy/base/member).
+pub const NAMESPACE: &str = "clusterlink-system";
+pub const CREDENTIALS_SECRET: &str = "clusterlink-credentials";
+
+/// Puts the credentials file's text in the Secret the member components mount (server-side
+/// apply, field manager `clusterlink`; the namespace made if missing).
+pub async fn store_credentials(client: kube::Client, text: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use kube::api::{Patch, PatchParams};
+    let pp = PatchParams::apply("clusterlink").force();
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "clusterlink"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(NAMESPACE, &pp, &Patch::Apply(&ns))
+        .await
+        .with_context(|| format!("Cannot make the namespace {NAMESPACE}"))?;
+    let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": CREDENTIALS_SECRET, "namespace": NAMESPACE,
+                     "labels": {"app.kubernetes.io/part-of": "clusterlink"}},
+        "type": "Opaque",
+        "stringData": {clusterlink_broker_client::node::CREDENTIALS_KEY: text}});
+    Api::<Secret>::namespaced(client, NAMESPACE)
+        .patch(CREDENTIALS_SECRET, &pp, &Patch::Apply(&secret))
+        .await
+        .with_context(|| format!("Cannot write the Secret {NAMESPACE}/{CREDENTIALS_SECRET}"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

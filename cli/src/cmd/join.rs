@@ -33,7 +33,8 @@ pub struct JoinArgs {
     #[arg(long = "service-cidr", required_unless_present = "kubeconfig")]
     pub service_cidrs: Vec<String>,
     /// The cluster's kubeconfig: the CIDRs not given are read from its API (its ServiceCIDR
-    /// objects, kubeadm's or kube-proxy's configuration).
+    /// objects, kubeadm's or kube-proxy's configuration), and the credentials are also put in
+    /// the Secret clusterlink-system/clusterlink-credentials the member components mount.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context (default: its current one).
@@ -98,6 +99,32 @@ async fn cidrs(a: &JoinArgs) -> Result<(Vec<String>, Vec<String>)> {
     Ok((pods, services))
 }
 
+/// With --kubeconfig: the credentials file's text in the cluster's Secret as well (a join run
+/// again puts it there if the first run could not).
+async fn store_in_cluster(a: &JoinArgs, output: &Path, cluster: &Cluster) -> Result<()> {
+    let Some(path) = &a.kubeconfig else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(output)
+        .with_context(|| format!("Cannot read back {}", output.display()))?;
+    let client = kube_client(path, a.context.as_deref()).await?;
+    clusterlink_cli::kube_cluster::store_credentials(client, &text)
+        .await
+        .with_context(|| {
+            format!(
+                "Cluster {} joined and its credentials are in {}, but they could not be put in the cluster; run the same join again",
+                cluster.id,
+                output.display()
+            )
+        })?;
+    print(&format!(
+        "Credentials stored in the Secret {}/{} too.\n",
+        clusterlink_cli::kube_cluster::NAMESPACE,
+        clusterlink_cli::kube_cluster::CREDENTIALS_SECRET
+    ));
+    Ok(())
+}
+
 pub async fn run(a: JoinArgs) -> Result<()> {
     let info = BrokerInfo::read(&a.broker_info, SystemTime::now())?;
     let labels = parse_labels(&a.labels)?;
@@ -138,7 +165,8 @@ pub async fn run(a: JoinArgs) -> Result<()> {
         Some(JoinOutput::Joined(c))
             if c.cluster() == Some(&cluster.id) && c.address == info.address =>
         {
-            return already_joined(&c, &cluster, &output).await;
+            already_joined(&c, &cluster, &output).await?;
+            return store_in_cluster(&a, &output, &cluster).await;
         }
         Some(other) => bail!(
             "{} already holds {}; choose another --output, or remove it if it is no longer needed",
@@ -196,21 +224,21 @@ pub async fn run(a: JoinArgs) -> Result<()> {
             output.display()
         ),
     };
-    Credentials::new(
+    let creds = Credentials::new(
         info.address.clone(),
         resp.ca_certificate_pem,
         clusterlink_broker_client::Identity::Cluster(cluster.id.clone()),
         resp.certificate_pem,
         key_pem,
-    )
-    .write(&output)
-    .with_context(|| {
+    );
+    creds.write(&output).with_context(|| {
         format!(
             "Cluster {} joined, but its credentials could not be saved; run the same join \
              again to finish it",
             cluster.id
         )
     })?;
+    store_in_cluster(&a, &output, &cluster).await?;
     print(&format!(
         "Cluster {} joined the broker at {}.\nCredentials: {} (keep it private: it holds this cluster's key)\n",
         cluster.id,

@@ -704,15 +704,19 @@ fn two_broker_processes_on_one_etcd_serve_the_same_data() {
 
 /// A stand-in for a cluster's API server (plain HTTP on loopback) that answers what `join
 /// --kubeconfig` reads: ServiceCIDRs (404 when `modern` is false, as before 1.33) and the
-/// kubeadm ConfigMap. Returns a kubeconfig file pointing at it.
+/// kubeadm ConfigMap; and takes the server-side applies of the namespace and the credentials
+/// Secret (their bodies kept in the returned list). Returns a kubeconfig file pointing at it.
+type Applied = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
 fn fake_cluster_api(
     dir: &Path,
     modern: bool,
     kubeadm: Option<&'static str>,
-) -> (PathBuf, tokio::runtime::Runtime) {
+) -> (PathBuf, tokio::runtime::Runtime, Applied) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let applied: Applied = Default::default();
     fn json(v: serde_json::Value) -> ([(axum::http::HeaderName, &'static str); 1], String) {
         (
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -759,6 +763,31 @@ fn fake_cluster_api(
                 }
             }),
         )
+        .route(
+            "/api/v1/namespaces/clusterlink-system",
+            axum::routing::patch({
+                let applied = applied.clone();
+                move |body: String| async move {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    applied
+                        .lock()
+                        .unwrap()
+                        .push(("namespace".into(), v.clone()));
+                    (StatusCode::OK, json(v))
+                }
+            }),
+        )
+        .route(
+            "/api/v1/namespaces/clusterlink-system/secrets/clusterlink-credentials",
+            axum::routing::patch({
+                let applied = applied.clone();
+                move |body: String| async move {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    applied.lock().unwrap().push(("secret".into(), v.clone()));
+                    (StatusCode::OK, json(v))
+                }
+            }),
+        )
         .fallback(move || async move { not_found() });
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -773,18 +802,18 @@ fn fake_cluster_api(
         ),
     )
     .unwrap();
-    (kubeconfig, rt)
+    (kubeconfig, rt, applied)
 }
 
-/// `join --kubeconfig` learns the CIDRs it is not given from the cluster's API; what the
-/// API cannot tell is an error naming the flag.
+/// `join --kubeconfig` learns the CIDRs it is not given from the cluster's API and puts the
+/// credentials in the cluster's Secret; what the API cannot tell is an error naming the flag.
 #[test]
 fn join_learns_the_clusters_cidrs_from_its_api() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let _port = deploy(dir, &[]);
     let _broker = BrokerProc::start(dir, "broker");
-    let (kubeconfig, _api) = fake_cluster_api(
+    let (kubeconfig, _api, applied) = fake_cluster_api(
         dir,
         true,
         Some("networking:\n  podSubnet: 10.40.0.0/16\n  serviceSubnet: 10.41.0.0/16\n"),
@@ -802,6 +831,19 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
         ],
     ));
     assert!(out.contains("Cluster east joined"), "{out}");
+    // The credentials are in the Secret the member components mount, as in the file.
+    assert!(
+        out.contains("clusterlink-system/clusterlink-credentials"),
+        "{out}"
+    );
+    let applied = applied.lock().unwrap().clone();
+    assert_eq!(applied[0].0, "namespace");
+    let (what, secret) = &applied[1];
+    assert_eq!(what, "secret");
+    assert_eq!(
+        secret["stringData"]["credentials.yaml"].as_str().unwrap(),
+        std::fs::read_to_string(dir.join("clusterlink-east.yaml")).unwrap()
+    );
     let shown = ok(&clusterlink(
         dir,
         &[
@@ -823,7 +865,7 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
     // An older cluster, no kubeadm: nothing to learn the pod CIDR from.
     let other = dir.join("older");
     std::fs::create_dir(&other).unwrap();
-    let (kubeconfig, _api2) = fake_cluster_api(&other, false, None);
+    let (kubeconfig, _api2, _) = fake_cluster_api(&other, false, None);
     let k = kubeconfig.display().to_string();
     let err = fails(&clusterlink(
         dir,
