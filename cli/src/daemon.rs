@@ -38,7 +38,7 @@ pub async fn run<T, F>(what: &str, grace: Duration, work: impl FnOnce(Shutdown) 
 where
     F: Future<Output = Result<T>>,
 {
-    run_inner(what, grace, || {}, work).await
+    run_inner(what, grace, crate::Signals::new()?, || {}, work).await
 }
 
 /// Like [`run`], with `/healthz` and `/readyz` served on `health.health_listen` (if given):
@@ -53,6 +53,7 @@ pub async fn run_with_health<T, F>(
 where
     F: Future<Output = Result<T>>,
 {
+    let signals = crate::Signals::new()?;
     let (ready, watched) = tokio::sync::watch::channel(Err("starting".to_owned()));
     if let Some(addr) = health.health_listen {
         let bound = crate::health::serve(addr, watched).await?;
@@ -62,6 +63,7 @@ where
     run_inner(
         what,
         grace,
+        signals,
         move || {
             let _previous = stopping.send_replace(Err("stopping".to_owned()));
         },
@@ -73,18 +75,21 @@ where
 async fn run_inner<T, F>(
     what: &str,
     grace: Duration,
+    mut signals: crate::Signals,
     on_stop: impl FnOnce(),
     work: impl FnOnce(Shutdown) -> F,
 ) -> Result<T>
 where
     F: Future<Output = Result<T>>,
 {
+    // `signals` listens from before the work starts: a SIGTERM while the daemon is still
+    // starting (its sockets already answering) asks it to stop rather than killing it.
     let stop = CancellationToken::new();
     let work = work(stop.clone().cancelled_owned());
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => return r,
-        () = crate::shutdown_signal() => {}
+        () = signals.recv() => {}
     }
     info!(grace = %humantime::format_duration(grace), "{what} stopping");
     on_stop();
@@ -101,6 +106,6 @@ where
                 ))
             }
         },
-        () = crate::shutdown_signal() => Err(anyhow!("{what} ended at once by a second signal")),
+        () = signals.recv() => Err(anyhow!("{what} ended at once by a second signal")),
     }
 }
