@@ -134,6 +134,98 @@ pub async fn store_credentials(client: kube::Client, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The member overlay, rendered (`kubectl kustomize deploy/overlays/member`; a test fails
+/// when this copy differs from what kustomize renders, so the two never drift).
+pub const MEMBER_MANIFESTS: &str = include_str!("../../deploy/rendered/member.yaml");
+
+/// The plural (the API's resource name) and scope of each kind the member overlay holds.
+fn resource_of(kind: &str) -> Option<(&'static str, bool)> {
+    Some(match kind {
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        "Namespace" => ("namespaces", false),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "DaemonSet" => ("daemonsets", true),
+        "Deployment" => ("deployments", true),
+        "Service" => ("services", true),
+        "PodDisruptionBudget" => ("poddisruptionbudgets", true),
+        _ => return None,
+    })
+}
+
+/// The member overlay's objects, in order, with `image` (if given) in place of the
+/// overlay's for every container.
+pub fn member_objects(image: Option<&str>) -> Result<Vec<serde_json::Value>> {
+    let mut docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(MEMBER_MANIFESTS)
+        .context("the rendered member overlay is not YAML")?;
+    if let Some(image) = image {
+        for doc in &mut docs {
+            let spec = &mut doc["spec"]["template"]["spec"];
+            for list in ["initContainers", "containers"] {
+                if let Some(cs) = spec[list].as_array_mut() {
+                    for c in cs {
+                        c["image"] = serde_json::Value::String(image.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// Server-side applies the member overlay (field manager `clusterlink`, forced: the objects
+/// are clusterlink's), in its order (CRDs and the namespace first). Returns what was applied
+/// (`kind/name`).
+pub async fn apply_member(client: kube::Client, image: Option<&str>) -> Result<Vec<String>> {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+    let pp = PatchParams::apply("clusterlink").force();
+    let mut applied = Vec::new();
+    for doc in member_objects(image)? {
+        let (api_version, kind) = (
+            doc["apiVersion"].as_str().unwrap_or_default(),
+            doc["kind"].as_str().unwrap_or_default(),
+        );
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let (plural, namespaced) = resource_of(kind)
+            .ok_or_else(|| anyhow!("the member overlay holds a {kind} that join cannot apply"))?;
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let ar =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: Api<DynamicObject> = if namespaced {
+            let ns = doc["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+            Api::namespaced_with(client.clone(), ns, &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        api.patch(&name, &pp, &Patch::Apply(&doc))
+            .await
+            .with_context(|| format!("Cannot apply {kind} {name}"))?;
+        applied.push(format!("{kind}/{name}"));
+    }
+    Ok(applied)
+}
+
+/// Labels the nodes that run a gateway (`gateway.clusterlink.dev/enabled=true`).
+pub async fn label_gateways(client: kube::Client, nodes: &[String]) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Patch, PatchParams};
+    for node in nodes {
+        let patch = serde_json::json!({"metadata": {"labels": {
+            clusterlink_broker_client::node::GATEWAY_LABEL: "true"}}});
+        Api::<Node>::all(client.clone())
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("Cannot label node {node} as a gateway"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +357,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("forbidden") && e.contains("--pod-cidr"), "{e}");
+    }
+
+    #[test]
+    fn the_member_objects_are_all_appliable_and_take_the_image() {
+        let docs = member_objects(Some("registry.example/clusterlink:1.2")).unwrap();
+        assert!(docs.len() > 10);
+        for d in &docs {
+            let kind = d["kind"].as_str().unwrap();
+            assert!(resource_of(kind).is_some(), "join cannot apply a {kind}");
+        }
+        let images: Vec<&str> = docs
+            .iter()
+            .flat_map(|d| {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .map(|c| c["image"].as_str().unwrap_or_default().to_owned())
+            .map(|s| Box::leak(s.into_boxed_str()) as &str)
+            .collect();
+        assert_eq!(images.len(), 3);
+        assert!(
+            images
+                .iter()
+                .all(|i| *i == "registry.example/clusterlink:1.2"),
+            "{images:?}"
+        );
+        // The CRDs and the namespace come first: what follows needs them.
+        assert_eq!(docs[0]["kind"], "Namespace");
     }
 }

@@ -124,6 +124,23 @@ fn container_args(rendered: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// `join --kubeconfig` applies deploy/rendered/member.yaml: it must be what kustomize
+/// renders (regenerate with `UPDATE_RENDERED=1 cargo test -p clusterlink --test manifests`).
+#[test]
+fn the_rendered_member_overlay_join_applies_is_up_to_date() {
+    let rendered = render("member");
+    let path = deploy().join("rendered/member.yaml");
+    if std::env::var_os("UPDATE_RENDERED").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == rendered,
+        "{} is out of date: UPDATE_RENDERED=1 cargo test -p clusterlink --test manifests",
+        path.display()
+    );
+}
+
 #[test]
 fn the_broker_overlay_renders_and_validates() {
     let rendered = render("broker");

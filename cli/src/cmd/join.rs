@@ -40,6 +40,14 @@ pub struct JoinArgs {
     /// The kubeconfig context (default: its current one).
     #[arg(long, requires = "kubeconfig")]
     pub context: Option<String>,
+    /// With --kubeconfig: a node to run a gateway on (labelled gateway.clusterlink.dev/enabled;
+    /// repeat for several).
+    #[arg(long = "gateway-node", requires = "kubeconfig")]
+    pub gateway_nodes: Vec<String>,
+    /// With --kubeconfig: the clusterlink image the member components run (default: the
+    /// overlay's, localhost/clusterlink:dev).
+    #[arg(long, requires = "kubeconfig")]
+    pub image: Option<String>,
     /// Labels, KEY=VALUE (e.g. region=eu-west-1).
     #[arg(long = "label")]
     pub labels: Vec<String>,
@@ -121,6 +129,25 @@ async fn store_in_cluster(a: &JoinArgs, output: &Path, cluster: &Cluster) -> Res
         "Credentials stored in the Secret {}/{} too.\n",
         clusterlink_cli::kube_cluster::NAMESPACE,
         clusterlink_cli::kube_cluster::CREDENTIALS_SECRET
+    ));
+    let client = kube_client(path, a.context.as_deref()).await?;
+    let applied = clusterlink_cli::kube_cluster::apply_member(client.clone(), a.image.as_deref())
+        .await
+        .context("Cannot install the member components; fix what is named and run the same join again (it applies the same objects)")?;
+    clusterlink_cli::kube_cluster::label_gateways(client, &a.gateway_nodes).await?;
+    print(&format!(
+        "Installed the member components ({} objects, field manager clusterlink){}.\n\
+         Left to do: forward clusterset.local to the clusterlink-dns Service in CoreDNS (deploy/coredns/Corefile.snippet){}.\n",
+        applied.len(),
+        match a.gateway_nodes.len() {
+            0 => String::new(),
+            n => format!("; {n} gateway node(s) labelled"),
+        },
+        if a.gateway_nodes.is_empty() {
+            "; label the gateway nodes: kubectl label node NODE gateway.clusterlink.dev/enabled=true"
+        } else {
+            ""
+        }
     ));
     Ok(())
 }

@@ -763,32 +763,21 @@ fn fake_cluster_api(
                 }
             }),
         )
-        .route(
-            "/api/v1/namespaces/clusterlink-system",
-            axum::routing::patch({
-                let applied = applied.clone();
-                move |body: String| async move {
-                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    applied
-                        .lock()
-                        .unwrap()
-                        .push(("namespace".into(), v.clone()));
-                    (StatusCode::OK, json(v))
+        // Every apply and patch is taken, and kept: the path and the body.
+        .fallback({
+            let applied = applied.clone();
+            move |method: axum::http::Method, uri: axum::http::Uri, body: String| async move {
+                if method != axum::http::Method::PATCH {
+                    return not_found();
                 }
-            }),
-        )
-        .route(
-            "/api/v1/namespaces/clusterlink-system/secrets/clusterlink-credentials",
-            axum::routing::patch({
-                let applied = applied.clone();
-                move |body: String| async move {
-                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                    applied.lock().unwrap().push(("secret".into(), v.clone()));
-                    (StatusCode::OK, json(v))
-                }
-            }),
-        )
-        .fallback(move || async move { not_found() });
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                applied
+                    .lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), v.clone()));
+                (StatusCode::OK, json(v))
+            }
+        });
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
@@ -828,6 +817,10 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
             "east",
             "--kubeconfig",
             &k,
+            "--gateway-node",
+            "node-1",
+            "--image",
+            "registry.example/clusterlink:1.0",
         ],
     ));
     assert!(out.contains("Cluster east joined"), "{out}");
@@ -837,13 +830,47 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
         "{out}"
     );
     let applied = applied.lock().unwrap().clone();
-    assert_eq!(applied[0].0, "namespace");
+    let paths: Vec<&str> = applied.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths[0], "/api/v1/namespaces/clusterlink-system");
     let (what, secret) = &applied[1];
-    assert_eq!(what, "secret");
+    assert_eq!(
+        what,
+        "/api/v1/namespaces/clusterlink-system/secrets/clusterlink-credentials"
+    );
     assert_eq!(
         secret["stringData"]["credentials.yaml"].as_str().unwrap(),
         std::fs::read_to_string(dir.join("clusterlink-east.yaml")).unwrap()
     );
+    // The member overlay applied (CRDs, roles, the DaemonSets, the DNS plugin) with the image
+    // asked for, and the gateway node labelled.
+    for p in [
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/serviceexports.multicluster.x-k8s.io",
+        "/apis/apps/v1/namespaces/clusterlink-system/daemonsets/clusterlink-gateway",
+        "/apis/apps/v1/namespaces/clusterlink-system/daemonsets/clusterlink-route-agent",
+        "/apis/apps/v1/namespaces/clusterlink-system/deployments/clusterlink-dns",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles/clusterlink-dns",
+    ] {
+        assert!(paths.contains(&p), "{p} not applied: {paths:#?}");
+    }
+    let gw = &applied
+        .iter()
+        .find(|(p, _)| p.ends_with("/daemonsets/clusterlink-gateway"))
+        .unwrap()
+        .1;
+    assert_eq!(
+        gw["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example/clusterlink:1.0"
+    );
+    let label = &applied
+        .iter()
+        .find(|(p, _)| p == "/api/v1/nodes/node-1")
+        .expect("the gateway node labelled")
+        .1;
+    assert_eq!(
+        label["metadata"]["labels"]["gateway.clusterlink.dev/enabled"],
+        "true"
+    );
+    assert!(out.contains("Installed the member components"), "{out}");
     let shown = ok(&clusterlink(
         dir,
         &[
