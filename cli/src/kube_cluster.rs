@@ -226,6 +226,78 @@ pub async fn label_gateways(client: kube::Client, nodes: &[String]) -> Result<()
     Ok(())
 }
 
+/// The server block CoreDNS needs for the cluster set's zone (deploy/coredns/Corefile.snippet,
+/// its comments left out), forwarding to `dns` (the clusterlink-dns Service's address).
+pub fn clusterset_block(dns: &str) -> String {
+    let snippet = include_str!("../../deploy/coredns/Corefile.snippet");
+    let body: String = snippet
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    body.replace("CLUSTERLINK_DNS", dns)
+}
+
+/// The Corefile with the cluster set's zone forwarded to `dns`; `None` when it has a
+/// `clusterset.local` block already (left as the operator made it).
+pub fn with_clusterset_forward(corefile: &str, dns: &str) -> Option<String> {
+    if corefile
+        .lines()
+        .any(|l| l.trim_start().starts_with("clusterset.local"))
+    {
+        return None;
+    }
+    let mut out = corefile.trim_end().to_owned();
+    out.push_str("\n");
+    out.push_str(&clusterset_block(dns));
+    Some(out)
+}
+
+/// What the CoreDNS step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CoreDns {
+    Added {
+        forward_to: String,
+    },
+    AlreadyThere,
+    /// No kube-system/coredns ConfigMap: the cluster's DNS is something else.
+    NotCoreDns {
+        forward_to: String,
+    },
+}
+
+/// Forwards `clusterset.local` from the cluster's CoreDNS to the clusterlink-dns Service.
+pub async fn forward_clusterset(client: kube::Client) -> Result<CoreDns> {
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Patch, PatchParams};
+    let service = Api::<Service>::namespaced(client.clone(), NAMESPACE)
+        .get("clusterlink-dns")
+        .await
+        .context("Cannot read the clusterlink-dns Service")?;
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or_else(|| {
+            anyhow!("the clusterlink-dns Service has no cluster IP yet; run the same join again")
+        })?;
+    let config_maps = Api::<ConfigMap>::namespaced(client, "kube-system");
+    let Some(corefile) = config_key(&config_maps, "coredns", "Corefile").await? else {
+        return Ok(CoreDns::NotCoreDns { forward_to: ip });
+    };
+    match with_clusterset_forward(&corefile, &ip) {
+        None => Ok(CoreDns::AlreadyThere),
+        Some(next) => {
+            let patch = serde_json::json!({"data": {"Corefile": next}});
+            config_maps
+                .patch("coredns", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .context("Cannot edit kube-system/coredns")?;
+            Ok(CoreDns::Added { forward_to: ip })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +459,19 @@ mod tests {
         );
         // The CRDs and the namespace come first: what follows needs them.
         assert_eq!(docs[0]["kind"], "Namespace");
+    }
+
+    #[test]
+    fn the_clusterset_zone_is_added_to_a_corefile_once() {
+        let corefile = ".:53 {\n    errors\n    kubernetes cluster.local in-addr.arpa ip6.arpa\n    forward . /etc/resolv.conf\n}\n";
+        let next = with_clusterset_forward(corefile, "10.96.0.53").unwrap();
+        assert!(
+            next.starts_with(".:53 {"),
+            "the existing block stays first: {next}"
+        );
+        assert!(next.contains("clusterset.local:53 {"), "{next}");
+        assert!(next.contains("forward . 10.96.0.53 {"), "{next}");
+        assert!(!next.contains('#'), "no comments: {next}");
+        assert_eq!(with_clusterset_forward(&next, "10.96.0.99"), None, "once");
     }
 }

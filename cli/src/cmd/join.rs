@@ -134,21 +134,27 @@ async fn store_in_cluster(a: &JoinArgs, output: &Path, cluster: &Cluster) -> Res
     let applied = clusterlink_cli::kube_cluster::apply_member(client.clone(), a.image.as_deref())
         .await
         .context("Cannot install the member components; fix what is named and run the same join again (it applies the same objects)")?;
-    clusterlink_cli::kube_cluster::label_gateways(client, &a.gateway_nodes).await?;
+    clusterlink_cli::kube_cluster::label_gateways(client.clone(), &a.gateway_nodes).await?;
     print(&format!(
-        "Installed the member components ({} objects, field manager clusterlink){}.\n\
-         Left to do: forward clusterset.local to the clusterlink-dns Service in CoreDNS (deploy/coredns/Corefile.snippet){}.\n",
+        "Installed the member components ({} objects, field manager clusterlink){}.\n",
         applied.len(),
         match a.gateway_nodes.len() {
-            0 => String::new(),
+            0 => "; label the gateway nodes: kubectl label node NODE gateway.clusterlink.dev/enabled=true".to_owned(),
             n => format!("; {n} gateway node(s) labelled"),
         },
-        if a.gateway_nodes.is_empty() {
-            "; label the gateway nodes: kubectl label node NODE gateway.clusterlink.dev/enabled=true"
-        } else {
-            ""
-        }
     ));
+    use clusterlink_cli::kube_cluster::CoreDns;
+    match clusterlink_cli::kube_cluster::forward_clusterset(client).await? {
+        CoreDns::Added { forward_to } => print(&format!(
+            "CoreDNS (kube-system/coredns) forwards clusterset.local to {forward_to}.\n"
+        )),
+        CoreDns::AlreadyThere => {
+            print("CoreDNS has a clusterset.local block already; left as it is.\n")
+        }
+        CoreDns::NotCoreDns { forward_to } => print(&format!(
+            "No kube-system/coredns ConfigMap: the cluster's DNS is not CoreDNS. Forward clusterset.local to {forward_to} (the clusterlink-dns Service) in it.\n"
+        )),
+    }
     Ok(())
 }
 

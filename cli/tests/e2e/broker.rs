@@ -717,6 +717,27 @@ fn fake_cluster_api(
     use axum::routing::get;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let applied: Applied = Default::default();
+    // Every apply and patch is taken, and kept: the path and the body.
+    let record = {
+        let applied = applied.clone();
+        move |uri: axum::http::Uri, body: String| {
+            let applied = applied.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                applied
+                    .lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), v.clone()));
+                (
+                    StatusCode::OK,
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        v.to_string(),
+                    ),
+                )
+            }
+        }
+    };
     fn json(v: serde_json::Value) -> ([(axum::http::HeaderName, &'static str); 1], String) {
         (
             [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -763,19 +784,39 @@ fn fake_cluster_api(
                 }
             }),
         )
-        // Every apply and patch is taken, and kept: the path and the body.
-        .fallback({
-            let applied = applied.clone();
-            move |method: axum::http::Method, uri: axum::http::Uri, body: String| async move {
-                if method != axum::http::Method::PATCH {
-                    return not_found();
+        .route(
+            "/api/v1/namespaces/clusterlink-system/services/clusterlink-dns",
+            get(move || async move {
+                (
+                    StatusCode::OK,
+                    json(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "clusterlink-dns", "namespace": "clusterlink-system"},
+                        "spec": {"clusterIP": "10.196.0.53"}})),
+                )
+            })
+            .patch(record.clone()),
+        )
+        .route(
+            "/api/v1/namespaces/kube-system/configmaps/coredns",
+            get(move || async move {
+                (
+                    StatusCode::OK,
+                    json(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "coredns", "namespace": "kube-system"},
+                        "data": {"Corefile": ".:53 {\n    errors\n    forward . /etc/resolv.conf\n}\n"}})),
+                )
+            })
+            .patch(record.clone()),
+        )
+        .fallback(move |method: axum::http::Method, uri: axum::http::Uri, body: String| {
+            let record = record.clone();
+            async move {
+                if method == axum::http::Method::PATCH {
+                    record(uri, body).await
+                } else {
+                    let (status, body) = not_found();
+                    (status, body)
                 }
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                applied
-                    .lock()
-                    .unwrap()
-                    .push((uri.path().to_owned(), v.clone()));
-                (StatusCode::OK, json(v))
             }
         });
     let listener = rt
@@ -871,6 +912,24 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
         "true"
     );
     assert!(out.contains("Installed the member components"), "{out}");
+    // CoreDNS forwards the cluster set's zone to the plugin's Service.
+    let corefile = applied
+        .iter()
+        .find(|(p, _)| p == "/api/v1/namespaces/kube-system/configmaps/coredns")
+        .expect("CoreDNS edited")
+        .1["data"]["Corefile"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(corefile.starts_with(".:53 {"), "{corefile}");
+    assert!(
+        corefile.contains("clusterset.local:53") && corefile.contains("forward . 10.196.0.53"),
+        "{corefile}"
+    );
+    assert!(
+        out.contains("forwards clusterset.local to 10.196.0.53"),
+        "{out}"
+    );
     let shown = ok(&clusterlink(
         dir,
         &[
