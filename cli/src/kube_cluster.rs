@@ -248,7 +248,7 @@ pub fn with_clusterset_forward(corefile: &str, dns: &str) -> Option<String> {
         return None;
     }
     let mut out = corefile.trim_end().to_owned();
-    out.push_str("\n");
+    out.push('\n');
     out.push_str(&clusterset_block(dns));
     Some(out)
 }
