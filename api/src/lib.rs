@@ -12,7 +12,7 @@ pub mod net;
 pub mod ownership;
 pub mod records;
 
-pub use cluster_set::ClusterSet;
+pub use cluster_set::{ClusterSet, MeshProgress};
 pub use error::ValidationError;
 pub use ids::{ClusterId, DnsLabel, NodeName};
 pub use keys::{Kind, RecordKey};

@@ -48,6 +48,10 @@ pub struct JoinArgs {
     /// overlay's, localhost/clusterlink:dev).
     #[arg(long, requires = "kubeconfig")]
     pub image: Option<String>,
+    /// With --kubeconfig: how long to wait, showing progress, until this cluster's active
+    /// gateway is connected to every other cluster that has one (0s: do not wait).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration, requires = "kubeconfig")]
+    pub wait: std::time::Duration,
     /// Labels, KEY=VALUE (e.g. region=eu-west-1).
     #[arg(long = "label")]
     pub labels: Vec<String>,
@@ -155,7 +159,87 @@ async fn store_in_cluster(a: &JoinArgs, output: &Path, cluster: &Cluster) -> Res
             "No kube-system/coredns ConfigMap: the cluster's DNS is not CoreDNS. Forward clusterset.local to {forward_to} (the clusterlink-dns Service) in it.\n"
         )),
     }
+    if !a.wait.is_zero() {
+        wait_connected(output, &cluster.id, a.wait).await?;
+    }
     Ok(())
+}
+
+/// Follows the broker until `me`'s active gateway is connected to every other cluster that
+/// has one, saying what it waits for as that changes; past `wait`, an error naming what is
+/// missing and where to look.
+async fn wait_connected(
+    output: &Path,
+    me: &clusterlink_api::ClusterId,
+    wait: std::time::Duration,
+) -> Result<()> {
+    let creds = Credentials::read(output)?;
+    let mut view = clusterlink_broker_client::follow(
+        clusterlink_broker_client::LiveCredentials::fixed(creds),
+        &[Kind::Clusters, Kind::Gateways, Kind::Connections],
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last = None;
+    loop {
+        let progress = view
+            .borrow_and_update()
+            .as_ref()
+            .map(|s| s.mesh_progress(me));
+        if let Some(p) = &progress {
+            if p.is_done() {
+                let with: Vec<String> = p.connected.iter().map(ToString::to_string).collect();
+                print(&format!(
+                    "Cluster {me} is in the mesh: gateway {} active{}.\n",
+                    p.active_gateway
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    if with.is_empty() {
+                        " (no other cluster has a gateway yet)".to_owned()
+                    } else {
+                        format!(", connected to {}", with.join(", "))
+                    }
+                ));
+                return Ok(());
+            }
+            if last.as_ref() != Some(p) {
+                print(&format!("{}\n", describe(me, p)));
+                last = progress.clone();
+            }
+        }
+        tokio::select! {
+            changed = view.changed() => changed.context("Lost the broker")?,
+            _ = tokio::time::sleep_until(deadline) => {
+                let why = match &last {
+                    Some(p) => describe(me, p),
+                    None => "the broker's view never arrived".to_owned(),
+                };
+                bail!(
+                    "Cluster {me} joined, but is not in the mesh after {}: {why}. Look at the gateways: kubectl -n clusterlink-system get pods -l app.kubernetes.io/name=clusterlink-gateway (and their logs); `clusterlink show connections` shows the tunnels",
+                    humantime::format_duration(wait)
+                );
+            }
+        }
+    }
+}
+
+fn describe(me: &clusterlink_api::ClusterId, p: &clusterlink_api::MeshProgress) -> String {
+    let names = |v: &[clusterlink_api::ClusterId]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &p.active_gateway {
+        None => format!(
+            "waiting for a gateway of {me} to become active (a labelled node running the clusterlink-gateway DaemonSet)"
+        ),
+        Some(g) => format!(
+            "gateway {g} active; connected to [{}]; waiting for [{}]",
+            names(&p.connected),
+            names(&p.missing)
+        ),
+    }
 }
 
 pub async fn run(a: JoinArgs) -> Result<()> {
@@ -271,14 +355,13 @@ pub async fn run(a: JoinArgs) -> Result<()> {
             cluster.id
         )
     })?;
-    store_in_cluster(&a, &output, &cluster).await?;
     print(&format!(
         "Cluster {} joined the broker at {}.\nCredentials: {} (keep it private: it holds this cluster's key)\n",
         cluster.id,
         info.address,
         output.display()
     ));
-    Ok(())
+    store_in_cluster(&a, &output, &cluster).await
 }
 
 /// The output holds this cluster's credentials already: the same join again is a no-op if

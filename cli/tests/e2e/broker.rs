@@ -849,9 +849,10 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
         Some("networking:\n  podSubnet: 10.40.0.0/16\n  serviceSubnet: 10.41.0.0/16\n"),
     );
     let k = kubeconfig.display().to_string();
-    let out = ok(&clusterlink(
-        dir,
-        &[
+    // join waits until the cluster is in the mesh: here, until its gateway is active (there
+    // is no other cluster), which this test publishes as the gateway DaemonSet would.
+    let join = Command::new(BIN)
+        .args([
             "join",
             "broker/broker-info.yaml",
             "--cluster-id",
@@ -862,9 +863,77 @@ fn join_learns_the_clusters_cidrs_from_its_api() {
             "node-1",
             "--image",
             "registry.example/clusterlink:1.0",
-        ],
-    ));
+            "--wait",
+            "60s",
+        ])
+        .current_dir(dir)
+        .env_remove("CLUSTERLINK_CREDENTIALS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What it says, line by line: the gateway comes once join says it waits for it.
+    let mut join = join;
+    let (said_tx, said) = std::sync::mpsc::channel::<String>();
+    let stdout = join.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = said_tx.send(line);
+        }
+    });
+    let mut out = String::new();
+    let until = |out: &mut String, what: &str| loop {
+        let line = said
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("join never said {what:?}: {out}"));
+        out.push_str(&line);
+        out.push('\n');
+        if line.contains(what) {
+            return;
+        }
+    };
+    until(&mut out, "waiting for a gateway of east to become active");
+    let creds_path = dir.join("clusterlink-east.yaml");
+    let creds = Credentials::read(&creds_path).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = connect_with(&creds).await.unwrap();
+        let gateway = proto::Record {
+            kind: Some(proto::record::Kind::Gateway(proto::GatewayEndpoint {
+                cluster: "east".into(),
+                node: "node-1".into(),
+                public_key: vec![7; 32],
+                private_addr: "192.0.2.10".into(),
+                public_addr: String::new(),
+                port: 51820,
+                role: proto::GatewayRole::Active as i32,
+                generation: 1,
+            })),
+        };
+        c.publish(proto::PublishRequest {
+            record: Some(gateway),
+            lease_id: 0,
+            expected_revision: 0,
+            create_only: false,
+        })
+        .await
+        .unwrap();
+    });
+    until(&mut out, "is in the mesh");
+    let status = join.wait().unwrap();
+    assert!(status.success(), "{status}: {out}");
     assert!(out.contains("Cluster east joined"), "{out}");
+    assert!(
+        out.contains("waiting for a gateway of east to become active"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Cluster east is in the mesh: gateway node-1 active"),
+        "{out}"
+    );
     // The credentials are in the Secret the member components mount, as in the file.
     assert!(
         out.contains("clusterlink-system/clusterlink-credentials"),
