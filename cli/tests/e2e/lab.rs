@@ -184,22 +184,22 @@ fn every_component_says_whether_it_is_ready() {
     let b_worker = lab.state.clusters[1].nodes[1].node.ns();
     lab.stop_agent(1, 1).expect("b's worker agent stops");
     lab.start_agent(1, 1, false).unwrap();
+    // Not ready from its start ("starting"), then, once it is up, because the cluster set
+    // never comes.
     let mut answer = None;
-    wait_until(
-        "the restarted agent to answer",
+    let waited = wait_until(
+        "the restarted agent to say what it waits for",
         Duration::from_secs(10),
         || {
             answer = http_get(&b_worker, AGENT_HEALTH_PORT, "/readyz");
-            answer.is_some()
+            answer.as_ref().is_some_and(|(_, body)| {
+                body.contains("waiting for the cluster set from the broker")
+            })
         },
-    )
-    .unwrap();
+    );
+    assert!(waited.is_ok(), "{answer:?}");
     let (code, body) = answer.unwrap();
     assert_eq!(code, 503, "{body}");
-    assert!(
-        body.contains("waiting for the cluster set from the broker"),
-        "{body}"
-    );
     assert_eq!(
         http_get(&b_worker, AGENT_HEALTH_PORT, "/healthz").map(|(c, _)| c),
         Some(200)
