@@ -25,18 +25,14 @@ use crate::fs::write_atomic;
 #[derive(Clone, Debug)]
 pub struct LiveCredentials {
     rx: watch::Receiver<Arc<Credentials>>,
-    /// For [`Self::fixed`]: the sender, held so that `changed` waits instead of failing.
-    _fixed: Option<Arc<watch::Sender<Arc<Credentials>>>>,
 }
 
 impl LiveCredentials {
     /// Credentials that never change (a CLI command, a test).
     pub fn fixed(creds: Credentials) -> Self {
-        let (tx, rx) = watch::channel(Arc::new(creds));
-        LiveCredentials {
-            rx,
-            _fixed: Some(Arc::new(tx)),
-        }
+        // No sender: `changed` then waits forever, `has_changed` says no.
+        let (_, rx) = watch::channel(Arc::new(creds));
+        LiveCredentials { rx }
     }
 
     /// The credentials to connect with now; marks them seen.
@@ -208,7 +204,7 @@ pub fn keep(path: PathBuf, initial: Credentials, options: KeepOptions) -> LiveCr
             }
         }
     });
-    LiveCredentials { rx, _fixed: None }
+    LiveCredentials { rx }
 }
 
 /// One look: the file again, then the broker's advice, then what [`decide`] says.
@@ -315,8 +311,6 @@ async fn save(
         }
         #[cfg(feature = "kube")]
         SaveTo::Secret(secret) => {
-            let _ = path;
-            let _ = last_file;
             let text = serde_saphyr::to_string(c).map_err(|e| RenewError::Save(e.to_string()))?;
             secret
                 .write(text.into_bytes())

@@ -218,6 +218,19 @@ impl DataDir {
         self.root.join("pki").join(name)
     }
 
+    /// Writes `pki/NAME` atomically with `mode`.
+    fn write_pki(&self, name: &str, text: &str, mode: u32) -> Result<(), FileError> {
+        let path = self.pki(name);
+        write_atomic(&path, text.as_bytes(), mode)
+            .map_err(|source| FileError::Write { path, source })
+    }
+
+    /// Moves `pki/FROM` over `pki/TO` (one atomic step).
+    fn rename_pki(&self, from: &str, to: &str) -> Result<(), FileError> {
+        let path = self.pki(to);
+        std::fs::rename(self.pki(from), &path).map_err(|source| FileError::Write { path, source })
+    }
+
     /// Creates the CA, the server and admin certificates and the config. Refuses a directory
     /// that already holds a broker: its CA is what every joined cluster trusts.
     pub fn init(
@@ -233,16 +246,12 @@ impl DataDir {
         let loaded = Ca::load(&ca)?;
         let server = loaded.server_cert(now, server_names)?;
         let admin = loaded.admin_cert(now)?;
-        let write = |path: PathBuf, text: &str, mode| {
-            write_atomic(&path, text.as_bytes(), mode)
-                .map_err(|source| FileError::Write { path, source })
-        };
-        write(self.pki("ca.key"), &ca.key_pem, 0o600)?;
-        write(self.pki("server.key"), &server.key_pem, 0o600)?;
-        write(self.pki("server.crt"), &server.cert_pem, 0o644)?;
+        self.write_pki("ca.key", &ca.key_pem, 0o600)?;
+        self.write_pki("server.key", &server.key_pem, 0o600)?;
+        self.write_pki("server.crt", &server.cert_pem, 0o644)?;
         write_yaml(&self.config_path(), config, 0o644)?;
         // Last: its presence marks the directory as deployed.
-        write(self.pki("ca.crt"), &ca.cert_pem, 0o644)?;
+        self.write_pki("ca.crt", &ca.cert_pem, 0o644)?;
         Ok((
             BrokerTls {
                 ca,
@@ -342,17 +351,10 @@ impl DataDir {
 
     /// Puts a new server certificate and key in place (each written aside, then renamed).
     fn replace_server_cert(&self, server: &CertAndKey) -> Result<(), DeployError> {
-        let write = |path: PathBuf, text: &str, mode| {
-            write_atomic(&path, text.as_bytes(), mode)
-                .map_err(|source| FileError::Write { path, source })
-        };
-        write(self.pki("next-server.key"), &server.key_pem, 0o600)?;
-        write(self.pki("next-server.crt"), &server.cert_pem, 0o644)?;
-        for name in ["server.key", "server.crt"] {
-            let to = self.pki(name);
-            std::fs::rename(self.pki(&format!("next-{name}")), &to)
-                .map_err(|source| FileError::Write { path: to, source })?;
-        }
+        self.write_pki("next-server.key", &server.key_pem, 0o600)?;
+        self.write_pki("next-server.crt", &server.cert_pem, 0o644)?;
+        self.rename_pki("next-server.key", "server.key")?;
+        self.rename_pki("next-server.crt", "server.crt")?;
         Ok(())
     }
 
@@ -370,13 +372,6 @@ impl DataDir {
     /// its certificate over `ca.crt`, and a start that was cut short anywhere is completed by
     /// the next one.
     pub fn start_rotation(&self, now: SystemTime) -> Result<(BrokerTls, CertAndKey), DeployError> {
-        let write = |path: PathBuf, text: &str, mode| {
-            write_atomic(&path, text.as_bytes(), mode)
-                .map_err(|source| FileError::Write { path, source })
-        };
-        let rename = |from: PathBuf, to: PathBuf| {
-            std::fs::rename(&from, &to).map_err(|source| FileError::Write { path: to, source })
-        };
         // Written in this order: retiring-ca.crt, next-ca.key, next-ca.crt; then next-ca.key
         // and next-ca.crt are moved over ca.key and ca.crt. Whatever step a crash stopped at,
         // the next start goes on from there.
@@ -388,17 +383,17 @@ impl DataDir {
             {
                 return Err(DeployError::RotationUnderWay(self.root.clone()));
             }
-            write(self.pki("retiring-ca.crt"), &old.ca.cert_pem, 0o644)?;
+            self.write_pki("retiring-ca.crt", &old.ca.cert_pem, 0o644)?;
             let next = new_ca(now)?;
-            write(self.pki("next-ca.key"), &next.key_pem, 0o600)?;
-            write(self.pki("next-ca.crt"), &next.cert_pem, 0o644)?;
+            self.write_pki("next-ca.key", &next.key_pem, 0o600)?;
+            self.write_pki("next-ca.crt", &next.cert_pem, 0o644)?;
         }
         // The key first: until the certificate follows, ca.crt names the old CA and loading
         // fails loudly (key and certificate differ) rather than signing with the wrong key.
         if self.pki("next-ca.key").exists() {
-            rename(self.pki("next-ca.key"), self.pki("ca.key"))?;
+            self.rename_pki("next-ca.key", "ca.key")?;
         }
-        rename(self.pki("next-ca.crt"), self.pki("ca.crt"))?;
+        self.rename_pki("next-ca.crt", "ca.crt")?;
         let tls = self.load_tls()?;
         let admin = Ca::load(&tls.ca)?.admin_cert(now)?;
         Ok((tls, admin))
@@ -517,15 +512,11 @@ mod tests {
         let before = dir.load_tls().unwrap();
         // Cut short after the key was moved, before the certificate was.
         let next = new_ca(SystemTime::now()).unwrap();
-        write_atomic(&dir.pki("next-ca.key"), next.key_pem.as_bytes(), 0o600).unwrap();
-        write_atomic(&dir.pki("next-ca.crt"), next.cert_pem.as_bytes(), 0o644).unwrap();
-        write_atomic(
-            &dir.pki("retiring-ca.crt"),
-            before.ca.cert_pem.as_bytes(),
-            0o644,
-        )
-        .unwrap();
-        std::fs::rename(dir.pki("next-ca.key"), dir.pki("ca.key")).unwrap();
+        dir.write_pki("next-ca.key", &next.key_pem, 0o600).unwrap();
+        dir.write_pki("next-ca.crt", &next.cert_pem, 0o644).unwrap();
+        dir.write_pki("retiring-ca.crt", &before.ca.cert_pem, 0o644)
+            .unwrap();
+        dir.rename_pki("next-ca.key", "ca.key").unwrap();
         // Loading says what is wrong and how to mend it.
         let e = Trust::new(&dir.load_tls().unwrap().ca, None).err().unwrap();
         assert!(e.to_string().contains("run it again"), "{e}");

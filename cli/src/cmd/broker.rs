@@ -294,12 +294,9 @@ async fn watch_tls(dir: DataDir, tx: tokio::sync::watch::Sender<BrokerTls>) {
 /// Rewrites the data directory's admin.yaml with `admin`, trusting what `tls` trusts.
 fn write_admin(dir: &DataDir, tls: &BrokerTls, admin: CertAndKey) -> Result<()> {
     let config = dir.load_config()?;
-    let mut bundle = tls.ca.cert_pem.trim_end().to_owned();
-    if let Some(old) = &tls.retiring_ca {
-        bundle.push('\n');
-        bundle.push_str(old.trim_end());
-    }
-    bundle.push('\n');
+    // What the broker trusts is what its admin trusts.
+    let bundle =
+        clusterlink_broker::pki::Trust::new(&tls.ca, tls.retiring_ca.as_deref())?.bundle_pem;
     Credentials::new(
         config.advertise,
         bundle,

@@ -190,53 +190,33 @@ fn rotate_ca_refuses_to_retire_a_ca_still_in_use_unless_forced() {
         &["-o", "east.yaml"],
     ));
     let show = |creds: &str| clusterlink(dir, &["show", "clusters", "--credentials", creds]);
+    let rotate = |args: &[&str]| {
+        let mut all = vec!["broker", "rotate-ca"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--data-dir", "broker"]);
+        clusterlink(dir, &all)
+    };
     ok(&show("east.yaml"));
-    let err = fails(&clusterlink(
-        dir,
-        &["broker", "rotate-ca", "finish", "--data-dir", "broker"],
-    ));
+    let err = fails(&rotate(&["finish"]));
     assert!(err.contains("no CA rotation is under way"), "{err}");
-    let out = ok(&clusterlink(
-        dir,
-        &["broker", "rotate-ca", "start", "--data-dir", "broker"],
-    ));
+    let out = ok(&rotate(&["start"]));
     assert!(out.contains("CA rotation started"), "{out}");
-    let err = fails(&clusterlink(
-        dir,
-        &["broker", "rotate-ca", "start", "--data-dir", "broker"],
-    ));
+    let err = fails(&rotate(&["start"]));
     assert!(err.contains("already under way"), "{err}");
-    // The rewritten admin credentials (new CA) work against the running broker, and so do
-    // east's (old CA) during the overlap.
     // `start` waits for the running broker to pick the new CA up (a client refused under
-    // TLS 1.3 learns it only at its first read: better not to try too early).
+    // TLS 1.3 learns it only at its first read: better not to try too early). Then the
+    // rewritten admin credentials (new CA) work, and so do east's (old CA) in the overlap.
     assert!(out.contains("The running broker has picked it up"), "{out}");
     ok(&show("broker/admin.yaml"));
     ok(&show("east.yaml"));
-    let status = ok(&clusterlink(
-        dir,
-        &["broker", "rotate-ca", "status", "--data-dir", "broker"],
-    ));
+    let status = ok(&rotate(&["status"]));
     assert!(status.contains("east\told CA"), "{status}");
-    let err = fails(&clusterlink(
-        dir,
-        &["broker", "rotate-ca", "finish", "--data-dir", "broker"],
-    ));
+    let err = fails(&rotate(&["finish"]));
     assert!(
         err.contains("still hold a certificate of the old CA: east"),
         "{err}"
     );
-    let out = ok(&clusterlink(
-        dir,
-        &[
-            "broker",
-            "rotate-ca",
-            "finish",
-            "--data-dir",
-            "broker",
-            "--force",
-        ],
-    ));
+    let out = ok(&rotate(&["finish", "--force"]));
     assert!(out.contains("The running broker has picked it up"), "{out}");
     // east never renewed: it is cut off; the admin is not.
     fails(&show("east.yaml"));
